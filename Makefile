@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs first (fast when installed).
+PYTHON ?= python3
+# The CPU build of torch, installed before anything can pull a multi-GB CUDA build; a torch already installed
+# (Colab's, a GPU box's) is kept. Override e.g. TORCH="torch --index-url <a CPU wheel index>".
+TORCH ?= torch==2.13.0
+STAMP := .installed
+
+.PHONY: install demo test bench sync
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH)
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: install
+	lora-kit estimate --model llama-2-7b --rank 8 --targets q_proj,v_proj
+	lora-kit estimate --model llama-2-70b --rank 8 --targets q_proj,v_proj
+
+test: install
+	$(PYTHON) tools/check_sync.py
+	nbdev-test
+	$(PYTHON) -m pytest
+
+bench: install
+	lora-kit bench
+
+sync:
+	nbdev-export && nbdev-clean && $(PYTHON) tools/readme.py
