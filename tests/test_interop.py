@@ -1,0 +1,64 @@
+"Adapters cross between lora_kit and peft in both directions with identical logits."
+import pytest, torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from lora_kit.core import byte_tokenizer, tiny_llama
+from lora_kit.inject import add_lora, load_adapter, remove_lora, save_adapter
+
+IDS = byte_tokenizer()(["Selamat pagi, dunia!", "Apa kabar?"], return_tensors="pt", padding=True)
+
+CASES = {  # name: (config overrides of the tiny LLaMA, target_modules, r, alpha, use_rslora)
+    "q,v": ({}, ["q_proj", "v_proj"], 8, 16, False),
+    "all-linear": ({}, "all-linear", 4, 8, False),
+    "rslora": ({}, ["q_proj", "k_proj", "v_proj", "o_proj"], 16, 8, True),
+    "gqa 8 heads / 2 kv": (dict(num_attention_heads=8, num_key_value_heads=2), ["k_proj", "v_proj", "down_proj"], 4, 4, False),
+    "r != alpha, regex": ({}, r"model\.layers\.1\.mlp\.(up|down)_proj", 6, 5, False),
+}
+
+
+def logits(model):
+    with torch.no_grad(): return model(**IDS).logits
+
+
+def randomize_B(model, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name: p.normal_(std=0.05)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lora_kit_adapter_loads_in_peft(case, tmp_path):
+    cfg, targets, r, alpha, rslora = CASES[case]
+    ours = add_lora(tiny_llama(**cfg), targets, r=r, alpha=alpha, use_rslora=rslora)
+    randomize_B(ours)
+    save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_llama(**cfg), tmp_path)
+    assert (logits(ours) - logits(tiny_llama(**cfg))).abs().max() > 1e-3  # the adapter does change the output
+    assert (logits(theirs) - logits(ours)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_adapter_loads_in_lora_kit(case, tmp_path):
+    cfg, targets, r, alpha, rslora = CASES[case]
+    theirs = get_peft_model(tiny_llama(**cfg), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                          use_rslora=rslora, task_type="CAUSAL_LM"))
+    randomize_B(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(tiny_llama(**cfg), tmp_path)
+    assert (logits(theirs) - logits(tiny_llama(**cfg))).abs().max() > 1e-3
+    assert (logits(ours) - logits(theirs)).abs().max() < 1e-5
+
+
+def test_remove_lora_gives_base_keys_and_adapted_logits():
+    model = add_lora(tiny_llama(), "all-linear", r=4, alpha=8)
+    randomize_B(model)
+    adapted = logits(model)
+    plain = remove_lora(model, merge=True)
+    assert list(plain.state_dict()) == list(tiny_llama().state_dict())
+    assert (logits(plain) - adapted).abs().max() < 1e-5
+    # and its weights are what peft's merge_and_unload produces from the same adapter
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_B(theirs)
+    for (k, a), b in zip(plain.state_dict().items(), theirs.merge_and_unload().state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
