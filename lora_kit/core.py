@@ -8,26 +8,26 @@ Docs: https://lora-kit.github.io/lora_kit/core.html.md"""
 __all__ = ['SPECIAL_TOKENS', 'LLAMA2_SHAPES', 'in_test', 'pick', 'byte_tokenizer', 'tiny_llama_config', 'tiny_llama',
            'llama2_config', 'meta_llama', 'count_params', 'atomic_write']
 
-# %% ../nbs/core.ipynb #4d695829
+# %% ../nbs/core.ipynb #d830b142
 import os, tempfile
 from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-# %% ../nbs/core.ipynb #e4c46e04
+# %% ../nbs/core.ipynb #7e5ebb42
 def in_test() -> bool:
     "True while `nbdev-test` (or anything setting `IN_TEST`) runs this code."
     return os.environ.get("IN_TEST", "") not in ("", "0")
 
-# %% ../nbs/core.ipynb #4b5db1e0
+# %% ../nbs/core.ipynb #e0149aea
 def pick(small, # value used under `nbdev-test`
          full,  # value used when a learner runs the notebook
         ):
     "`small` under test, `full` otherwise: one call per size that decides how long a lesson cell runs."
     return small if in_test() else full
 
-# %% ../nbs/core.ipynb #d888083c
+# %% ../nbs/core.ipynb #1d9d587f
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -42,9 +42,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>")
 
-# %% ../nbs/core.ipynb #6c5cc0e8
+# %% ../nbs/core.ipynb #83117a78
 def tiny_llama_config(vocab_size:int=len(SPECIAL_TOKENS)+256, # the byte tokenizer's size by default
-                      hidden_size:int=64, intermediate_size:int=176, num_hidden_layers:int=2,
+                      hidden_size:int=64, intermediate_size:int=192, num_hidden_layers:int=2,
                       num_attention_heads:int=4,
                       num_key_value_heads:int=2, # < heads gives grouped-query attention, = heads plain multi-head
                       max_position_embeddings:int=512, **kwargs) -> LlamaConfig:
@@ -54,14 +54,14 @@ def tiny_llama_config(vocab_size:int=len(SPECIAL_TOKENS)+256, # the byte tokeniz
                        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, **kwargs)
 
-# %% ../nbs/core.ipynb #89a764fb
+# %% ../nbs/core.ipynb #ea801fdf
 def tiny_llama(seed:int=0, # the same seed gives the same weights
                **config_overrides) -> LlamaForCausalLM:
     "A randomly initialised tiny `LlamaForCausalLM` in eval mode, reproducible from `seed`."
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**config_overrides)).eval()
 
-# %% ../nbs/core.ipynb #1a5017ab
+# %% ../nbs/core.ipynb #1d9bd849
 LLAMA2_SHAPES = {  # name: (hidden, intermediate, layers, heads, kv_heads), from the models' config.json files
     "llama-2-7b":  (4096, 11008, 32, 32, 32),
     "llama-2-13b": (5120, 13824, 40, 40, 40),
@@ -77,19 +77,23 @@ def llama2_config(name:str="llama-2-7b") -> LlamaConfig:
                        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, tie_word_embeddings=False)
 
-# %% ../nbs/core.ipynb #283217c2
+# %% ../nbs/core.ipynb #3724537b
 def meta_llama(config:LlamaConfig|str="llama-2-7b", # a `LlamaConfig` or a name in `LLAMA2_SHAPES`
               ) -> LlamaForCausalLM:
     "A `LlamaForCausalLM` on the meta device: real shapes, no storage."
     if isinstance(config, str): config = llama2_config(config)
     with torch.device("meta"): return LlamaForCausalLM(config)
 
-# %% ../nbs/core.ipynb #f7ebd2a3
-def count_params(model:torch.nn.Module, trainable_only:bool=False) -> int:
-    "Number of parameters of `model` (only those with `requires_grad` when `trainable_only`)."
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+# %% ../nbs/core.ipynb #9ffc5a88
+def _numel(p:torch.Tensor) -> int:
+    "Weights in `p`; a bitsandbytes 4-bit parameter packs two per byte of its storage."
+    return p.numel() * p.element_size() * 2 if hasattr(p, "quant_state") else p.numel()
 
-# %% ../nbs/core.ipynb #cc3736c4
+def count_params(model:torch.nn.Module, trainable_only:bool=False) -> int:
+    "Number of parameters of `model` (only those with `requires_grad` when `trainable_only`), 4-bit ones unpacked."
+    return sum(_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+# %% ../nbs/core.ipynb #c1f17b6e
 def atomic_write(path:str|Path, # the file to (re)place
                  write, # called with a temporary path in the same folder; must write the whole file there
                 ) -> Path:

@@ -7,13 +7,13 @@ Docs: https://lora-kit.github.io/lora_kit/layers.html.md"""
 # %% auto #0
 __all__ = ['check_lora_args', 'LoRALinear']
 
-# %% ../nbs/01_layers.ipynb #dbd9b32d
+# %% ../nbs/01_layers.ipynb #5a30fa51
 import math
 import torch
 from torch import nn
 from .lowrank import lora_scale
 
-# %% ../nbs/01_layers.ipynb #22c638ef
+# %% ../nbs/01_layers.ipynb #261c9e31
 def check_lora_args(r:int, alpha:float, dropout:float, in_features:int, out_features:int):
     "Raise `ValueError` naming the problem when LoRA hyper-parameters cannot work for this layer."
     if not isinstance(r, int) or not 1 <= r <= min(in_features, out_features):
@@ -22,7 +22,7 @@ def check_lora_args(r:int, alpha:float, dropout:float, in_features:int, out_feat
     if not alpha > 0: raise ValueError(f"LoRA alpha={alpha!r} must be > 0 (a common choice is 2*r).")
     if not 0 <= dropout < 1: raise ValueError(f"LoRA dropout={dropout!r} must be in [0, 1).")
 
-# %% ../nbs/01_layers.ipynb #c25a81fb
+# %% ../nbs/01_layers.ipynb #08c606b4
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: `h = base(x) + scale * B(A(dropout(x)))`.
 
@@ -71,7 +71,12 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         "Fold the update into the base weight (in place); a no-op when already merged."
-        if not self.merged: self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        if self.merged: return
+        if not self.base.weight.dtype.is_floating_point:
+            raise ValueError(f"Cannot merge into a quantized base weight ({type(self.base).__name__}, "
+                             f"{self.base.weight.dtype}): rounding to 4/8 bits would erase most of the update. Load the "
+                             "base in 16 or 32 bits, load the adapter into it (lora_kit.inject.load_adapter), then merge.")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
         self.merged = True
 
     @torch.no_grad()

@@ -8,12 +8,12 @@ Docs: https://lora-kit.github.io/lora_kit/lowrank.html.md"""
 __all__ = ['full_params', 'lora_params', 'lora_params_for', 'truncated_svd', 'rank_r_error', 'weight_updates', 'lora_scale',
            'fit_lowrank_target']
 
-# %% ../nbs/00_lowrank.ipynb #8f42cd64
+# %% ../nbs/00_lowrank.ipynb #a0b39b26
 import math
 import torch
 from torch import nn
 
-# %% ../nbs/00_lowrank.ipynb #3c10d7ee
+# %% ../nbs/00_lowrank.ipynb #1ff6a83d
 def full_params(d_out:int, d_in:int) -> int:
     "Trainable parameters when a `d_out`×`d_in` weight is fine-tuned in full."
     return d_out * d_in
@@ -22,7 +22,7 @@ def lora_params(d_out:int, d_in:int, r:int) -> int:
     "Trainable parameters of a rank-`r` LoRA on a `d_out`×`d_in` weight: `B` (d_out×r) and `A` (r×d_in)."
     return r * (d_out + d_in)
 
-# %% ../nbs/00_lowrank.ipynb #dc7e2264
+# %% ../nbs/00_lowrank.ipynb #a13ea430
 def lora_params_for(model:nn.Module, # any model; the meta device is enough
                     suffixes=("q_proj", "v_proj"), # names of the linear layers that get an adapter
                     r:int=8) -> int:
@@ -30,7 +30,7 @@ def lora_params_for(model:nn.Module, # any model; the meta device is enough
     return sum(lora_params(m.out_features, m.in_features, r) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in suffixes)
 
-# %% ../nbs/00_lowrank.ipynb #76d63332
+# %% ../nbs/00_lowrank.ipynb #c6acd752
 def truncated_svd(W:torch.Tensor, # a 2-d weight (update)
                   r:int, # rank to keep
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +43,7 @@ def rank_r_error(W:torch.Tensor, r:int) -> float:
     S = torch.linalg.svdvals(W.float())
     return (S[r:].square().sum() / S.square().sum()).sqrt().item()
 
-# %% ../nbs/00_lowrank.ipynb #eab1ff44
+# %% ../nbs/00_lowrank.ipynb #a070e03b
 def weight_updates(before:dict, # `state_dict()` before fine-tuning
                    after:dict,  # `state_dict()` after
                    suffixes=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -52,12 +52,12 @@ def weight_updates(before:dict, # `state_dict()` before fine-tuning
     return {k: after[k] - before[k] for k in before
             if k.endswith(".weight") and k.rsplit(".", 2)[-2] in suffixes}
 
-# %% ../nbs/00_lowrank.ipynb #d1ff461e
+# %% ../nbs/00_lowrank.ipynb #4c20780a
 def lora_scale(alpha:float, r:int, use_rslora:bool=False) -> float:
     "The factor LoRA multiplies `B @ A` by: `alpha / r`, or `alpha / sqrt(r)` for rank-stabilized LoRA."
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
-# %% ../nbs/00_lowrank.ipynb #b037e9ab
+# %% ../nbs/00_lowrank.ipynb #b23dba45
 def fit_lowrank_target(r:int, use_rslora:bool, target:torch.Tensor, x:torch.Tensor,
                        steps:int=200, lr:float=1e-3, alpha:float=16.0) -> list[float]:
     "Train `scale·B@A` (LoRA init) to match `x @ target.T` with Adam; returns the loss per step."
