@@ -20,7 +20,7 @@ demo: install
 test: install
 	$(PYTHON) tools/check_sync.py
 	OMP_NUM_THREADS=1 nbdev-test  # two notebooks at once, one thread each: no oversubscription on 2 cores
-	$(PYTHON) -m pytest
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest
 
 bench: install
 	lora-kit bench

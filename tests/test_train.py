@@ -15,9 +15,9 @@ def run(cmd, tmp):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    run([sys.executable, str(WORKER), str(tmp_path / "single"), "2", "2"], tmp_path)
+    run([sys.executable, str(WORKER), str(tmp_path / "single"), "--grad-accum", "2"], tmp_path)
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(WORKER), str(tmp_path / "ddp"), "2", "1"], tmp_path)
+         str(WORKER), str(tmp_path / "ddp")], tmp_path)
     single = json.loads((tmp_path / "single" / "rank0" / "result.json").read_text())
     ddp = [json.loads((tmp_path / "ddp" / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]
     assert single["world_size"] == 1 and ddp[0]["world_size"] == 2

@@ -1,5 +1,5 @@
-"Trains the tiny LLaMA's adapters on fixed data; run directly or under `torchrun` by tests/test_train.py."
-import json, sys
+"Trains the tiny LLaMA's adapters on fixed data; run directly or under `torchrun` by the training tests."
+import argparse, json
 from pathlib import Path
 
 import torch
@@ -9,23 +9,37 @@ from lora_kit.core import byte_tokenizer, tiny_llama
 from lora_kit.inject import adapter_state_dict, add_lora
 from lora_kit.train import TrainConfig, train
 
+WORDS = ("apel", "buku", "kucing", "rumah", "sepeda", "pisang", "meja", "kursi", "jendela", "pintu", "air")
+
 
 def examples():
     tok = byte_tokenizer()
     out = []
-    for w in ("apel", "buku", "kucing", "rumah", "sepeda", "pisang", "meja", "kursi", "jendela", "pintu", "air"):
+    for w in WORDS:
         p, r = tok(f"Ulangi: {w} =>")["input_ids"], tok(f" {w}", add_special_tokens=False)["input_ids"] + [2]
         out.append(dict(input_ids=p + r, labels=[-100] * len(p) + r))
     return out
 
 
-def main(out_dir, batch_size, grad_accum):
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=6)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
     torch.manual_seed(0)
-    model = add_lora(tiny_llama(), "all-linear", r=4, alpha=8)
-    cfg = TrainConfig(max_steps=6, batch_size=batch_size, grad_accum=grad_accum, lr=5e-3, warmup_steps=1)
-    result = train(model, examples(), config=cfg)
+    model = add_lora(tiny_llama(hidden_size=args.hidden, intermediate_size=3 * args.hidden), "all-linear",
+                     r=4, alpha=8, dropout=args.dropout)
+    cfg = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=5e-3,
+                      warmup_steps=1, save_every=args.save_every)
+    result = train(model, examples(), config=cfg, output_dir=args.out, resume_from=args.out if args.resume else None)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    out = Path(out_dir) / f"rank{rank}"
+    out = Path(args.out) / f"rank{rank}"
     out.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model.module if hasattr(model, "module") else model), out / "adapter.safetensors")
     (out / "result.json").write_text(json.dumps({"losses": [h["loss"] for h in result["history"]],
@@ -33,4 +47,4 @@ def main(out_dir, batch_size, grad_accum):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main()
