@@ -6,11 +6,12 @@ Docs: https://lora-kit.github.io/lora_kit/inject.html.md"""
 
 # %% auto #0
 __all__ = ['ALL_LINEAR', 'CONFIG_NAME', 'WEIGHTS_NAME', 'PEFT_PREFIX', 'UNSUPPORTED', 'find_targets', 'add_lora',
-           'trainable_parameters', 'merge_lora', 'unmerge_lora', 'remove_lora', 'adapter_state_dict', 'save_adapter',
-           'read_adapter_config', 'read_adapter_weights', 'load_adapter_weights', 'load_adapter']
+           'trainable_parameters', 'merge_lora', 'unmerge_lora', 'remove_lora', 'lora_disabled', 'adapter_state_dict',
+           'save_adapter', 'read_adapter_config', 'read_adapter_weights', 'load_adapter_weights', 'load_adapter']
 
-# %% ../nbs/02_inject.ipynb #81cbcf6b
+# %% ../nbs/02_inject.ipynb #a54fe202
 import json, re
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .core import atomic_write, count_params
 from .layers import LoRALinear
 
-# %% ../nbs/02_inject.ipynb #cbd6b078
+# %% ../nbs/02_inject.ipynb #113c877a
 ALL_LINEAR = "all-linear"
 
 def _linear_names(model:nn.Module) -> list[str]:
@@ -33,7 +34,7 @@ def _matches(name:str, target_modules) -> bool:
     if isinstance(target_modules, str): return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
-# %% ../nbs/02_inject.ipynb #81457759
+# %% ../nbs/02_inject.ipynb #778668da
 def find_targets(model:nn.Module,
                  target_modules=("q_proj", "v_proj"), # name suffixes, a full-match regex, or "all-linear"
                 ) -> list[str]:
@@ -56,7 +57,7 @@ def find_targets(model:nn.Module,
                          f"{', '.join(wrong[:3])}; name the linear layers inside instead.")
     return names
 
-# %% ../nbs/02_inject.ipynb #116b631b
+# %% ../nbs/02_inject.ipynb #3d31568f
 def _lora_layers(model:nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -64,7 +65,7 @@ def _replace(model:nn.Module, name:str, new:nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
-# %% ../nbs/02_inject.ipynb #cb8b5811
+# %% ../nbs/02_inject.ipynb #d3a693b9
 def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
              target_modules=("q_proj", "v_proj"), # name suffixes, a full-match regex, or "all-linear"
              r:int=8, # rank
@@ -87,13 +88,13 @@ def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
                              target_modules=saved_targets)
     return model
 
-# %% ../nbs/02_inject.ipynb #4d2e7b92
+# %% ../nbs/02_inject.ipynb #6cfc3af8
 def trainable_parameters(model:nn.Module) -> str:
     "peft-style one-line report: trainable and total parameters and the trainable share."
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
-# %% ../nbs/02_inject.ipynb #2c16abfc
+# %% ../nbs/02_inject.ipynb #08c3e67a
 def merge_lora(model:nn.Module) -> nn.Module:
     "Fold every adapter into its base weight (in place, idempotent)."
     for layer in _lora_layers(model).values(): layer.merge()
@@ -113,7 +114,19 @@ def remove_lora(model:nn.Module, merge:bool=True) -> nn.Module:
     model.__dict__.pop("lora_config", None)
     return model
 
-# %% ../nbs/02_inject.ipynb #ef9c7ab1
+# %% ../nbs/02_inject.ipynb #1316f8c2
+@contextmanager
+def lora_disabled(model:nn.Module):
+    "Within the block `model` computes as its base model; adapters (merged or not) come back afterwards."
+    saved = [(layer, layer.merged, layer.scale) for layer in _lora_layers(model).values()]
+    for layer, _, _ in saved: layer.unmerge(); layer.scale = 0.0
+    try: yield model
+    finally:
+        for layer, merged, scale in saved:
+            layer.scale = scale
+            if merged: layer.merge()
+
+# %% ../nbs/02_inject.ipynb #f94dfc8d
 CONFIG_NAME, WEIGHTS_NAME, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 def adapter_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
@@ -121,7 +134,7 @@ def adapter_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
     return {f"{PEFT_PREFIX}{name}.{ab}.weight": getattr(layer, ab).weight.detach().contiguous()
             for name, layer in _lora_layers(model).items() for ab in ("lora_A", "lora_B")}
 
-# %% ../nbs/02_inject.ipynb #c66e6072
+# %% ../nbs/02_inject.ipynb #88f87db8
 def save_adapter(model:nn.Module, # a model with LoRA adapters (from `add_lora` or `load_adapter`)
                  path:str|Path, # folder to write; other files in it are left alone
                  base_model_name_or_path:str|None=None, # default: the model's own `name_or_path`, if any
@@ -137,7 +150,7 @@ def save_adapter(model:nn.Module, # a model with LoRA adapters (from `add_lora` 
     atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
-# %% ../nbs/02_inject.ipynb #bcfac7c5
+# %% ../nbs/02_inject.ipynb #47002e10
 UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform", "layer_replication",
                "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters", "trainable_token_indices")
 
@@ -157,7 +170,7 @@ def read_adapter_config(path:str|Path) -> dict:
     if config.get("bias", "none") != "none": raise ValueError(f"{file} trains biases (bias={config['bias']!r}); lora_kit supports bias='none'.")
     return config
 
-# %% ../nbs/02_inject.ipynb #9b6a416e
+# %% ../nbs/02_inject.ipynb #3a99187a
 def read_adapter_weights(path:str|Path) -> dict[str, torch.Tensor]:
     "The tensors of `adapter_model.safetensors` in folder `path` (never a pickle)."
     file = Path(path) / WEIGHTS_NAME
@@ -168,7 +181,7 @@ def read_adapter_weights(path:str|Path) -> dict[str, torch.Tensor]:
     try: return load_file(str(file))
     except (SafetensorError, OSError) as e: raise ValueError(f"{file} is not a readable safetensors file ({e}); re-save the adapter.") from None
 
-# %% ../nbs/02_inject.ipynb #ecadc001
+# %% ../nbs/02_inject.ipynb #0e72d301
 def _check_keys(expected:dict[str, torch.Tensor], found:dict[str, torch.Tensor], path):
     "Raise `ValueError` naming the first keys/shapes that differ between model and file."
     if extra := sorted(found.keys() - expected.keys()):
@@ -181,7 +194,7 @@ def _check_keys(expected:dict[str, torch.Tensor], found:dict[str, torch.Tensor],
             raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but this model needs "
                              f"{tuple(expected[key].shape)}: the adapter belongs to a different base model.")
 
-# %% ../nbs/02_inject.ipynb #4d7d374e
+# %% ../nbs/02_inject.ipynb #5f5e0c54
 def _copy_weights(model:nn.Module, weights:dict[str, torch.Tensor], path) -> nn.Module:
     _check_keys(adapter_state_dict(model), weights, path)
     layers = _lora_layers(model)
@@ -197,7 +210,7 @@ def load_adapter_weights(model:nn.Module, # a model that already has the adapter
     "Copy `path`'s adapter weights into `model`'s LoRA layers after checking every key and shape."
     return _copy_weights(model, read_adapter_weights(path), path)
 
-# %% ../nbs/02_inject.ipynb #417150bf
+# %% ../nbs/02_inject.ipynb #028f1e39
 def load_adapter(model:nn.Module, # the base model the adapter was trained on (without adapters); changed in place
                  path:str|Path, # an adapter folder in peft's format (saved by lora_kit or peft)
                 ) -> nn.Module:
