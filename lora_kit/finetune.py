@@ -7,14 +7,14 @@ Docs: https://lora-kit.github.io/lora_kit/finetune.html.md"""
 # %% auto #0
 __all__ = ['BadInput', 'resolve_model', 'load_base', 'load_adapted', 'generate', 'merge_adapter']
 
-# %% ../nbs/12_finetune.ipynb #d8a5b8b8
+# %% ../nbs/12_finetune.ipynb #8343fcf7
 import shutil, tempfile
 from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .inject import load_adapter, read_adapter_config, remove_lora
 
-# %% ../nbs/12_finetune.ipynb #2b770758
+# %% ../nbs/12_finetune.ipynb #8ddbf98e
 class BadInput(ValueError):
     "Input a user must fix (a path, a file, a flag); the CLI prints it on one line and exits with 2."
 
@@ -31,26 +31,27 @@ def resolve_model(model:str) -> str:
         return str(path.resolve())
     return model
 
-# %% ../nbs/12_finetune.ipynb #58d143cd
+# %% ../nbs/12_finetune.ipynb #0dcd7c67
 def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
               four_bit:bool=False, # NF4 base for QLoRA (needs bitsandbytes)
               dtype:torch.dtype|None=None, # weights' dtype; default fp32 on CPU, bf16/fp16 on GPU
+              trust_remote_code:bool=False, # run Python code shipped with the model (only for sources you trust)
              ):
     "Load `(model, tokenizer)` for training or inference; a clear `BadInput` when it cannot be loaded."
-    name = resolve_model(model)
+    name, remote = resolve_model(model), dict(trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **remote)
         if four_bit:
             from lora_kit.qlora import load_4bit
-            return load_4bit(name, compute_dtype=dtype), tokenizer
+            return load_4bit(name, compute_dtype=dtype, **remote), tokenizer
         from lora_kit.qlora import default_compute_dtype
-        base = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or default_compute_dtype())
+        base = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or default_compute_dtype(), **remote)
     except (OSError, ValueError) as e:
         raise BadInput(f"--model {model}: cannot load it ({str(e).splitlines()[0]}). Offline, use 'tiny' or a local folder.") from None
     if torch.cuda.is_available(): base = base.cuda()
     return base, tokenizer
 
-# %% ../nbs/12_finetune.ipynb #9192aa04
+# %% ../nbs/12_finetune.ipynb #27b6110f
 def load_adapted(adapter:str|Path, # an adapter folder (peft format)
                  model:str|None=None, # override the base the adapter names
                  four_bit:bool=False):
@@ -64,15 +65,22 @@ def load_adapted(adapter:str|Path, # an adapter folder (peft format)
     return load_adapter(model, adapter).eval(), tokenizer
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts:list[str], max_new_tokens:int=48) -> list[str]:
-    "Greedy continuations of `prompts` (the text after each prompt, special tokens removed)."
+def generate(model, tokenizer,
+             prompts:list[str], # exact texts given to the model (special tokens written out, e.g. `<s>[INST] ...`)
+             max_new_tokens:int=48,
+             temperature:float=0.0, # 0: greedy; above 0: sampled
+             top_p:float=1.0, # nucleus sampling when sampled
+            ) -> list[str]:
+    "Continuations of `prompts`, stopping at end-of-sequence, special tokens removed."
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 
-# %% ../nbs/12_finetune.ipynb #e754fa27
+# %% ../nbs/12_finetune.ipynb #c36c7c00
 def merge_adapter(adapter:str|Path, # an adapter folder
                   output:str|Path, # where the merged model goes; must not exist yet
                   model:str|None=None, # override the base the adapter names
