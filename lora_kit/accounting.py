@@ -12,13 +12,13 @@ __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'LINEAR_INPUT', 'QUANT_B
            'block_saved_bytes', 'loss_saved_bytes', 'saved_bytes', 'memory_bytes', 'fits', 'estimate', 'fit_table',
            'plot_memory']
 
-# %% ../nbs/03_accounting.ipynb #54395618
+# %% ../nbs/03_accounting.ipynb #cc32d84b
 import json, math
 from pathlib import Path
 from transformers import LlamaConfig
 from .core import LLAMA2_SHAPES, llama2_config, tiny_llama_config
 
-# %% ../nbs/03_accounting.ipynb #facea462
+# %% ../nbs/03_accounting.ipynb #50638113
 MODEL_PRESETS = (*LLAMA2_SHAPES, "tiny")
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -38,7 +38,7 @@ def load_config(model:str|Path|LlamaConfig, # a name in `MODEL_PRESETS`, a path 
     if missing: raise ValueError(f"{path} lacks integer field(s) {', '.join(missing)} of a LLaMA config")
     return LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
 
-# %% ../nbs/03_accounting.ipynb #ff8e8579
+# %% ../nbs/03_accounting.ipynb #13a18170
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 def head_dim(config:LlamaConfig) -> int:
@@ -57,13 +57,12 @@ def resolve_targets(targets:str|tuple|list, # `"all-linear"`, or names from `LLA
     "The LoRA target names, checked against `LLAMA_LINEARS`."
     if isinstance(targets, str): targets = LLAMA_LINEARS if targets == "all-linear" else targets.split(",")
     targets = tuple(dict.fromkeys(t.strip() for t in targets if t.strip()))
-    unknown = [t for t in targets if t not in LLAMA_LINEARS]
-    if unknown or not targets:
-        raise ValueError(f"LoRA targets {', '.join(unknown) or '(none)'} unknown: use 'all-linear' or names from "
-                         f"{','.join(LLAMA_LINEARS)}")
+    unknown, fix = [t for t in targets if t not in LLAMA_LINEARS], f"use 'all-linear' or names from {','.join(LLAMA_LINEARS)}"
+    if not targets: raise ValueError(f"no LoRA targets given: {fix}")
+    if unknown: raise ValueError(f"LoRA targets {', '.join(unknown)} unknown: {fix}")
     return targets
 
-# %% ../nbs/03_accounting.ipynb #e6f7bbf2
+# %% ../nbs/03_accounting.ipynb #c69bd86c
 METHODS = ("full", "lora", "qlora")
 
 def _check_method(method):
@@ -86,7 +85,7 @@ def param_counts(config:LlamaConfig,
     adapters = adapter_params(config, rank, targets)
     return dict(total=base + adapters, trainable=adapters)
 
-# %% ../nbs/03_accounting.ipynb #426621ba
+# %% ../nbs/03_accounting.ipynb #79c47e9e
 LINEAR_INPUT = dict(q_proj="x", k_proj="x", v_proj="x", o_proj="attn", gate_proj="h2", up_proj="h2", down_proj="act")
 
 def grad_flow(method:str, targets:tuple, input_grad:bool) -> dict:
@@ -104,7 +103,7 @@ def grad_flow(method:str, targets:tuple, input_grad:bool) -> dict:
     g["out"] = g["h2"] or g["down_proj"]
     return g
 
-# %% ../nbs/03_accounting.ipynb #7b5202ba
+# %% ../nbs/03_accounting.ipynb #8f4b90ba
 def _blocks(config, method, targets):
     "`(count, input_grad)` pairs: the blocks that share a gradient flow."
     L = config.num_hidden_layers
@@ -139,7 +138,7 @@ def train_flops(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     fwd, bwd = fwd + head, bwd + head * (1 + (method == "full"))
     return dict(forward=fwd, backward=bwd, total=fwd + bwd, dequant=dequant_flops(config, method, targets))
 
-# %% ../nbs/03_accounting.ipynb #aaf38fbf
+# %% ../nbs/03_accounting.ipynb #abe9bb2b
 QUANT_BLOCK = 64  # weights per NF4 quantization block (bitsandbytes' default)
 
 def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
@@ -151,7 +150,7 @@ def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
         passes += n * sum(i * o * (1 + g[LINEAR_INPUT[name]]) for name, (i, o) in lin.items())
     return passes + 2 * passes // QUANT_BLOCK
 
-# %% ../nbs/03_accounting.ipynb #92fa14a6
+# %% ../nbs/03_accounting.ipynb #9bd7f28e
 def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:int=8,
                     targets=("q_proj", "v_proj"), merged:bool=True) -> int:
     "Forward FLOPs over `batch_size × seq_len` tokens with the adapter merged into the weights or kept apart."
@@ -161,7 +160,7 @@ def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:
     adapters = 0 if merged else L * sum(2 * T * rank * sum(lin[t]) for t in targets)
     return L * block + adapters + 2 * T * config.hidden_size * config.vocab_size
 
-# %% ../nbs/03_accounting.ipynb #719f08ae
+# %% ../nbs/03_accounting.ipynb #0b85b8b2
 DTYPE_BYTES = dict(fp32=4, bf16=2, fp16=2)
 ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32
 
@@ -185,7 +184,7 @@ def weight_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_
     linear_params = L * sum(i * o for i, o in lin)
     return p * (base - linear_params) + L * sum(quantized_bytes(i, o, quant, double_quant) for i, o in lin) + adapters
 
-# %% ../nbs/03_accounting.ipynb #af7871e2
+# %% ../nbs/03_accounting.ipynb #a2c9700b
 def gradient_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
                    precision:str="bf16") -> int:
     "Bytes of the gradients: one per trainable parameter, in its dtype."
@@ -196,7 +195,7 @@ def optimizer_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=(
     "Bytes of AdamW's two fp32 moments per trainable parameter."
     return 8 * param_counts(config, method, rank, targets)["trainable"]
 
-# %% ../nbs/03_accounting.ipynb #112b966a
+# %% ../nbs/03_accounting.ipynb #072a6d9b
 ATTENTION = ("eager", "sdpa")
 
 def block_saved_bytes(config:LlamaConfig, method:str, batch_size:int, seq_len:int, rank:int, targets:tuple,
@@ -252,7 +251,7 @@ def saved_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     final_norm = T * (4 * d + 4) + 2 * T * d * a * full       # + normed and lm_head input when trained
     return blocks + rope * (not grad_checkpointing) + embed + final_norm + loss_saved_bytes(config, batch_size, seq_len)
 
-# %% ../nbs/03_accounting.ipynb #84f02e0f
+# %% ../nbs/03_accounting.ipynb #a497f69b
 def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
                  targets=("q_proj", "v_proj"), precision:str="bf16", grad_checkpointing:bool=False,
                  attn:str="sdpa", quant:str="nf4", double_quant:bool=True) -> dict:
@@ -268,7 +267,7 @@ def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_le
                activations=saved - logits + recompute, logits=logits)
     return mem | dict(total=sum(mem.values()))
 
-# %% ../nbs/03_accounting.ipynb #706a8b2e
+# %% ../nbs/03_accounting.ipynb #80c2c6d9
 GPUS = {"T4 16GB": 16, "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80}  # GiB
 GPU_RESERVE = 2**30  # CUDA context and allocator slack
 
@@ -296,7 +295,7 @@ def estimate(model:str|Path|LlamaConfig="llama-2-7b", method:str="lora", rank:in
                 dequant_flops=flops["dequant"], memory_bytes=mem,
                 fits={gpu: fits(mem["total"], gpu) for gpu in GPUS})
 
-# %% ../nbs/03_accounting.ipynb #8f69a8a7
+# %% ../nbs/03_accounting.ipynb #0396520a
 def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, **setup) -> list[dict]:
     "One row per model × method: memory in GiB by kind and whether each of `GPUS` fits."
     rows = []
@@ -308,7 +307,7 @@ def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, **setup) -> list[dic
                              **{gpu: "fits" if ok else "—" for gpu, ok in est["fits"].items()}))
     return rows
 
-# %% ../nbs/03_accounting.ipynb #6da4c166
+# %% ../nbs/03_accounting.ipynb #bbebd612
 MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "logits")
 
 def plot_memory(rows:list[dict], # rows of `fit_table`
