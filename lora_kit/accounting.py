@@ -6,19 +6,20 @@ Docs: https://lora-kit.github.io/lora_kit/accounting.html.md"""
 
 # %% auto #0
 __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'LINEAR_INPUT', 'QUANT_BLOCK', 'DTYPE_BYTES', 'ADAPTER_BYTES',
-           'ATTENTION', 'GPUS', 'GPU_RESERVE', 'MEMORY_KINDS', 'load_config', 'head_dim', 'block_linears',
-           'resolve_targets', 'adapter_params', 'param_counts', 'grad_flow', 'block_flops', 'train_flops',
-           'dequant_flops', 'inference_flops', 'quantized_bytes', 'weight_bytes', 'gradient_bytes', 'optimizer_bytes',
+           'OPTIMIZERS', 'ADAM8_BLOCK', 'ADAM8_MIN_SIZE', 'ADAM8_CODE', 'ATTENTION', 'GPUS', 'GPU_RESERVE',
+           'MEMORY_KINDS', 'load_config', 'head_dim', 'block_linears', 'resolve_targets', 'adapter_params',
+           'param_counts', 'grad_flow', 'block_flops', 'train_flops', 'dequant_flops', 'inference_flops',
+           'quantized_bytes', 'weight_bytes', 'gradient_bytes', 'trainable_tensors', 'optimizer_bytes',
            'block_saved_bytes', 'loss_saved_bytes', 'saved_bytes', 'memory_bytes', 'fits', 'estimate', 'fit_table',
            'plot_memory']
 
-# %% ../nbs/03_accounting.ipynb #cc32d84b
+# %% ../nbs/03_accounting.ipynb #fc78c56b
 import json, math
 from pathlib import Path
 from transformers import LlamaConfig
 from .core import LLAMA2_SHAPES, llama2_config, tiny_llama_config
 
-# %% ../nbs/03_accounting.ipynb #50638113
+# %% ../nbs/03_accounting.ipynb #e24d7b08
 MODEL_PRESETS = (*LLAMA2_SHAPES, "tiny")
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -38,7 +39,7 @@ def load_config(model:str|Path|LlamaConfig, # a name in `MODEL_PRESETS`, a path 
     if missing: raise ValueError(f"{path} lacks integer field(s) {', '.join(missing)} of a LLaMA config")
     return LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
 
-# %% ../nbs/03_accounting.ipynb #13a18170
+# %% ../nbs/03_accounting.ipynb #9c039b8c
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 def head_dim(config:LlamaConfig) -> int:
@@ -62,7 +63,7 @@ def resolve_targets(targets:str|tuple|list, # `"all-linear"`, or names from `LLA
     if unknown: raise ValueError(f"LoRA targets {', '.join(unknown)} unknown: {fix}")
     return targets
 
-# %% ../nbs/03_accounting.ipynb #c69bd86c
+# %% ../nbs/03_accounting.ipynb #bb78e43a
 METHODS = ("full", "lora", "qlora")
 
 def _check_method(method):
@@ -85,7 +86,7 @@ def param_counts(config:LlamaConfig,
     adapters = adapter_params(config, rank, targets)
     return dict(total=base + adapters, trainable=adapters)
 
-# %% ../nbs/03_accounting.ipynb #79c47e9e
+# %% ../nbs/03_accounting.ipynb #674b2ce8
 LINEAR_INPUT = dict(q_proj="x", k_proj="x", v_proj="x", o_proj="attn", gate_proj="h2", up_proj="h2", down_proj="act")
 
 def grad_flow(method:str, targets:tuple, input_grad:bool) -> dict:
@@ -103,7 +104,7 @@ def grad_flow(method:str, targets:tuple, input_grad:bool) -> dict:
     g["out"] = g["h2"] or g["down_proj"]
     return g
 
-# %% ../nbs/03_accounting.ipynb #8f4b90ba
+# %% ../nbs/03_accounting.ipynb #fb4f1848
 def _blocks(config, method, targets):
     "`(count, input_grad)` pairs: the blocks that share a gradient flow."
     L = config.num_hidden_layers
@@ -138,7 +139,7 @@ def train_flops(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     fwd, bwd = fwd + head, bwd + head * (1 + (method == "full"))
     return dict(forward=fwd, backward=bwd, total=fwd + bwd, dequant=dequant_flops(config, method, targets))
 
-# %% ../nbs/03_accounting.ipynb #abe9bb2b
+# %% ../nbs/03_accounting.ipynb #abfd56fe
 QUANT_BLOCK = 64  # weights per NF4 quantization block (bitsandbytes' default)
 
 def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
@@ -150,7 +151,7 @@ def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
         passes += n * sum(i * o * (1 + g[LINEAR_INPUT[name]]) for name, (i, o) in lin.items())
     return passes + 2 * passes // QUANT_BLOCK
 
-# %% ../nbs/03_accounting.ipynb #9bd7f28e
+# %% ../nbs/03_accounting.ipynb #50769a87
 def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:int=8,
                     targets=("q_proj", "v_proj"), merged:bool=True) -> int:
     "Forward FLOPs over `batch_size × seq_len` tokens with the adapter merged into the weights or kept apart."
@@ -160,7 +161,7 @@ def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:
     adapters = 0 if merged else L * sum(2 * T * rank * sum(lin[t]) for t in targets)
     return L * block + adapters + 2 * T * config.hidden_size * config.vocab_size
 
-# %% ../nbs/03_accounting.ipynb #0b85b8b2
+# %% ../nbs/03_accounting.ipynb #01e116b8
 DTYPE_BYTES = dict(fp32=4, bf16=2, fp16=2)
 ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32
 
@@ -184,18 +185,35 @@ def weight_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_
     linear_params = L * sum(i * o for i, o in lin)
     return p * (base - linear_params) + L * sum(quantized_bytes(i, o, quant, double_quant) for i, o in lin) + adapters
 
-# %% ../nbs/03_accounting.ipynb #a2c9700b
+# %% ../nbs/03_accounting.ipynb #d3ac448b
 def gradient_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
                    precision:str="bf16") -> int:
     "Bytes of the gradients: one per trainable parameter, in its dtype."
     trainable = param_counts(config, method, rank, targets)["trainable"]
     return trainable * (DTYPE_BYTES[precision] if method == "full" else ADAPTER_BYTES)
 
-def optimizer_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj")) -> int:
-    "Bytes of AdamW's two fp32 moments per trainable parameter."
-    return 8 * param_counts(config, method, rank, targets)["trainable"]
+# %% ../nbs/03_accounting.ipynb #8c71c28d
+OPTIMIZERS = ("adamw", "adamw8bit")
+ADAM8_BLOCK, ADAM8_MIN_SIZE, ADAM8_CODE = 256, 4096, 256 * 4  # bitsandbytes' blockwise 8-bit state
 
-# %% ../nbs/03_accounting.ipynb #072a6d9b
+def trainable_tensors(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj")) -> list:
+    "`(numel, count)` of the trainable parameter tensors."
+    L, d, V, lin = config.num_hidden_layers, config.hidden_size, config.vocab_size, block_linears(config)
+    if method == "full":
+        return [(V * d, 2 - config.tie_word_embeddings), (d, 2 * L + 1), *((i * o, L) for i, o in lin.values())]
+    return [(rank * lin[t][k], L) for t in resolve_targets(targets) for k in (0, 1)]  # A: r×in, B: out×r
+
+def optimizer_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
+                    optimizer:str="adamw") -> int:
+    "Bytes of AdamW's two moments: fp32 (`adamw`), or bitsandbytes' blockwise 8-bit (`adamw8bit`)."
+    if optimizer not in OPTIMIZERS: raise ValueError(f"optimizer {optimizer!r} unknown: use one of {', '.join(OPTIMIZERS)}")
+    tensors = trainable_tensors(config, method, rank, targets)
+    if optimizer == "adamw": return sum(8 * n * c for n, c in tensors)
+    def one(n): return 2 * n + 2 * 4 * math.ceil(n / ADAM8_BLOCK) if n >= ADAM8_MIN_SIZE else 8 * n
+    quantized = any(n >= ADAM8_MIN_SIZE for n, _ in tensors)
+    return sum(one(n) * c for n, c in tensors) + 2 * ADAM8_CODE * quantized
+
+# %% ../nbs/03_accounting.ipynb #29ea6893
 ATTENTION = ("eager", "sdpa")
 
 def block_saved_bytes(config:LlamaConfig, method:str, batch_size:int, seq_len:int, rank:int, targets:tuple,
@@ -251,10 +269,10 @@ def saved_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     final_norm = T * (4 * d + 4) + 2 * T * d * a * full       # + normed and lm_head input when trained
     return blocks + rope * (not grad_checkpointing) + embed + final_norm + loss_saved_bytes(config, batch_size, seq_len)
 
-# %% ../nbs/03_accounting.ipynb #a497f69b
+# %% ../nbs/03_accounting.ipynb #5941a751
 def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
                  targets=("q_proj", "v_proj"), precision:str="bf16", grad_checkpointing:bool=False,
-                 attn:str="sdpa", quant:str="nf4", double_quant:bool=True) -> dict:
+                 attn:str="sdpa", optimizer:str="adamw", quant:str="nf4", double_quant:bool=True) -> dict:
     "Bytes of one training step by kind: weights, gradients, optimizer, activations, logits and total."
     targets = resolve_targets(targets)
     logits = loss_saved_bytes(config, batch_size, seq_len)
@@ -263,11 +281,11 @@ def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_le
         if grad_checkpointing else 0
     mem = dict(weights=weight_bytes(config, method, rank, targets, precision, quant, double_quant),
                gradients=gradient_bytes(config, method, rank, targets, precision),
-               optimizer=optimizer_bytes(config, method, rank, targets),
+               optimizer=optimizer_bytes(config, method, rank, targets, optimizer),
                activations=saved - logits + recompute, logits=logits)
     return mem | dict(total=sum(mem.values()))
 
-# %% ../nbs/03_accounting.ipynb #80c2c6d9
+# %% ../nbs/03_accounting.ipynb #eef65d5c
 GPUS = {"T4 16GB": 16, "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80}  # GiB
 GPU_RESERVE = 2**30  # CUDA context and allocator slack
 
@@ -277,7 +295,7 @@ def fits(total_bytes:int, gpu:str) -> bool:
 
 def estimate(model:str|Path|LlamaConfig="llama-2-7b", method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
              seq_len:int=512, batch_size:int=1, grad_checkpointing:bool=False, precision:str="bf16",
-             attn:str="sdpa") -> dict:
+             attn:str="sdpa", optimizer:str="adamw") -> dict:
     "Everything about one training setup: inputs, parameters, FLOPs per step, memory by kind, fitting GPUs."
     config, targets = load_config(model), resolve_targets(targets)
     if rank < 1: raise ValueError(f"rank must be >= 1, got {rank}")
@@ -285,17 +303,17 @@ def estimate(model:str|Path|LlamaConfig="llama-2-7b", method:str="lora", rank:in
     if precision not in DTYPE_BYTES: raise ValueError(f"precision {precision!r} unknown: use one of {', '.join(DTYPE_BYTES)}")
     params = param_counts(config, method, rank, targets)
     flops = train_flops(config, method, batch_size, seq_len, rank, targets)
-    mem = memory_bytes(config, method, batch_size, seq_len, rank, targets, precision, grad_checkpointing, attn)
+    mem = memory_bytes(config, method, batch_size, seq_len, rank, targets, precision, grad_checkpointing, attn, optimizer)
     return dict(model=str(model) if not isinstance(model, LlamaConfig) else "custom", method=method, rank=rank,
                 targets=list(targets), seq_len=seq_len, batch_size=batch_size,
-                grad_checkpointing=grad_checkpointing, precision=precision, attn=attn,
+                grad_checkpointing=grad_checkpointing, precision=precision, attn=attn, optimizer=optimizer,
                 params_total=params["total"], params_trainable=params["trainable"],
                 trainable_percent=100 * params["trainable"] / params["total"],
                 flops_per_step=flops["total"], flops_forward=flops["forward"], flops_backward=flops["backward"],
                 dequant_flops=flops["dequant"], memory_bytes=mem,
                 fits={gpu: fits(mem["total"], gpu) for gpu in GPUS})
 
-# %% ../nbs/03_accounting.ipynb #0396520a
+# %% ../nbs/03_accounting.ipynb #3aed04e3
 def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, **setup) -> list[dict]:
     "One row per model × method: memory in GiB by kind and whether each of `GPUS` fits."
     rows = []
@@ -307,7 +325,7 @@ def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, **setup) -> list[dic
                              **{gpu: "fits" if ok else "—" for gpu, ok in est["fits"].items()}))
     return rows
 
-# %% ../nbs/03_accounting.ipynb #bbebd612
+# %% ../nbs/03_accounting.ipynb #de7dea9e
 MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "logits")
 
 def plot_memory(rows:list[dict], # rows of `fit_table`

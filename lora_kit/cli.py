@@ -7,33 +7,33 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #d4176d52
+# %% ../nbs/cli.ipynb #af656fdd
 import argparse, json, sys
 from . import accounting
 
-# %% ../nbs/cli.ipynb #b7e3b099
+# %% ../nbs/cli.ipynb #ea4cb86a
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise UsageError(f"{self.prog}: {message} (see --help)")
 
-# %% ../nbs/cli.ipynb #6271c205
+# %% ../nbs/cli.ipynb #1e910297
 def estimate(args) -> dict:
     "The `accounting.estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
         return accounting.estimate(args.model, args.method, args.rank, args.targets, args.seq_len, args.batch_size,
-                                   args.grad_checkpointing, args.precision, args.attn)
+                                   args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #ee5c3847
+# %% ../nbs/cli.ipynb #6b3c19b4
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
     "A readable table of an `estimate`."
     setup = (f"{est['model']}, {est['method']}" + (f" r={est['rank']} on {','.join(est['targets'])}" if est["method"] != "full" else "")
              + f", {est['precision']}, batch {est['batch_size']} x {est['seq_len']} tokens"
-             + (", gradient checkpointing" if est["grad_checkpointing"] else ""))
+             + (", gradient checkpointing" if est["grad_checkpointing"] else "") + f", {est['optimizer']}")
     rows = [("parameters", f"{est['params_total']:,}"),
             ("trainable", f"{est['params_trainable']:,} ({est['trainable_percent']:.3f}%)"),
             ("FLOPs per step", f"{est['flops_per_step']:.3e}"),
@@ -47,12 +47,12 @@ def _print_estimate(args):
     est = estimate(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #58d096d9
+# %% ../nbs/cli.ipynb #b49361b8
 def _not_yet(name, issue):
     def run(args): raise UsageError(f"lora-kit {name}: not implemented yet (tracked in issue {issue})")
     return run
 
-# %% ../nbs/cli.ipynb #98b48f7d
+# %% ../nbs/cli.ipynb #634326b8
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--grad-checkpointing", action="store_true", help="keep only each block's input, recompute the rest")
     e.add_argument("--precision", default="bf16", choices=list(accounting.DTYPE_BYTES), help="dtype of weights and activations")
+    e.add_argument("--optimizer", default="adamw", choices=accounting.OPTIMIZERS, help="fp32 or bitsandbytes 8-bit AdamW moments")
     e.add_argument("--attn", default="sdpa", choices=accounting.ATTENTION, help="attention implementation")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(run=_print_estimate)
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help).set_defaults(run=_not_yet(name, issue))
     return p
 
-# %% ../nbs/cli.ipynb #f240ee64
+# %% ../nbs/cli.ipynb #ce172c2c
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `lora-kit` console script; returns the exit code."
     try:
@@ -86,5 +87,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #3b3050ba
+# %% ../nbs/cli.ipynb #581a7f9e
 if __name__ == "__main__": sys.exit(main())

@@ -7,14 +7,14 @@ Docs: https://lora-kit.github.io/lora_kit/widgets.html.md"""
 # %% auto #0
 __all__ = ['GIB', 'RANKS', 'custom_config', 'dashboard_data', 'draw', 'Dashboard']
 
-# %% ../nbs/04_widgets.ipynb #b79d49a9
+# %% ../nbs/04_widgets.ipynb #b95576b5
 import ipywidgets as W
 from IPython.display import display
 from transformers import LlamaConfig
 from .accounting import (GPUS, LLAMA_LINEARS, METHODS, MEMORY_KINDS, DTYPE_BYTES, MODEL_PRESETS,
-                                 estimate, fits)
+                                 OPTIMIZERS, estimate)
 
-# %% ../nbs/04_widgets.ipynb #fc25c97e
+# %% ../nbs/04_widgets.ipynb #1743838a
 def custom_config(hidden_size:int=2048, intermediate_size:int=5632, num_hidden_layers:int=22,
                   num_attention_heads:int=32, num_key_value_heads:int=4, vocab_size:int=32000,
                   tie_word_embeddings:bool=False) -> LlamaConfig:
@@ -26,17 +26,17 @@ def custom_config(hidden_size:int=2048, intermediate_size:int=5632, num_hidden_l
                        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                        vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings)
 
-# %% ../nbs/04_widgets.ipynb #2731b715
+# %% ../nbs/04_widgets.ipynb #088211fd
 GIB = 2**30
 
 def dashboard_data(model:str|LlamaConfig="llama-2-7b", # a name in `MODEL_PRESETS` or a custom `LlamaConfig`
                    method:str="lora", rank:int=8, targets=("q_proj", "v_proj"), precision:str="bf16",
-                   seq_len:int=512, batch_size:int=1, grad_checkpointing:bool=False,
+                   seq_len:int=512, batch_size:int=1, grad_checkpointing:bool=False, optimizer:str="adamw",
                    gpu:str="T4 16GB", # the GPU to judge against, a name in `GPUS`
                   ) -> dict:
     "Everything the dashboard shows, as plain numbers."
     setup = dict(rank=rank, targets=targets, seq_len=seq_len, batch_size=batch_size,
-                 grad_checkpointing=grad_checkpointing, precision=precision)
+                 grad_checkpointing=grad_checkpointing, precision=precision, optimizer=optimizer)
     per_method = {m: estimate(model, m, **setup) for m in METHODS}
     chosen = per_method[method]
     return dict(
@@ -49,7 +49,7 @@ def dashboard_data(model:str|LlamaConfig="llama-2-7b", # a name in `MODEL_PRESET
         dequant_flops=per_method["qlora"]["dequant_flops"],
         fits=chosen["fits"], fits_gpu=chosen["fits"][gpu])
 
-# %% ../nbs/04_widgets.ipynb #204e5781
+# %% ../nbs/04_widgets.ipynb #ef3be30b
 def draw(data:dict, # from `dashboard_data`
          fig=None):
     "The dashboard's two charts for `data`, drawn into `fig` (a new figure if `None`)."
@@ -72,7 +72,7 @@ def draw(data:dict, # from `dashboard_data`
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_widgets.ipynb #1772a8fa
+# %% ../nbs/04_widgets.ipynb #cbd2efc3
 RANKS = tuple(2**i for i in range(9))  # 1 … 256
 
 class Dashboard:
@@ -88,9 +88,10 @@ class Dashboard:
         self.rank = W.SelectionSlider(options=RANKS, value=8, description="rank", **slider)
         self.targets = W.SelectMultiple(options=LLAMA_LINEARS, value=("q_proj", "v_proj"), rows=7, description="targets")
         self.precision = W.Dropdown(options=list(DTYPE_BYTES), value="bf16", description="precision")
-        self.seq_len = W.SelectionSlider(options=tuple(2**i for i in range(6, 15)), value=512, description="sequence", **slider)
+        self.seq_len = W.SelectionSlider(options=tuple(2**i for i in range(6, 13)), value=512, description="sequence", **slider)
         self.batch_size = W.SelectionSlider(options=tuple(2**i for i in range(8)), value=1, description="batch", **slider)
         self.grad_checkpointing = W.Checkbox(value=False, description="gradient checkpointing")
+        self.optimizer = W.Dropdown(options=OPTIMIZERS, value="adamw", description="optimizer")
         self.gpu = W.Dropdown(options=list(GPUS), value="T4 16GB", description="GPU")
         self.summary, self.out, self.data, self._fig = W.HTML(), W.Output(), None, None
         for w in self._controls(): w.observe(self.update, names="value")
@@ -98,7 +99,7 @@ class Dashboard:
 
     def _controls(self):
         return [self.model, *self.custom.values(), self.tied, self.method, self.rank, self.targets, self.precision,
-                self.seq_len, self.batch_size, self.grad_checkpointing, self.gpu]
+                self.seq_len, self.batch_size, self.grad_checkpointing, self.optimizer, self.gpu]
 
     def config(self) -> str|LlamaConfig:
         "The chosen preset, or the custom `LlamaConfig`."
@@ -110,7 +111,7 @@ class Dashboard:
         try:
             self.data = dashboard_data(self.config(), self.method.value, self.rank.value, self.targets.value,
                                        self.precision.value, self.seq_len.value, self.batch_size.value,
-                                       self.grad_checkpointing.value, self.gpu.value)
+                                       self.grad_checkpointing.value, self.optimizer.value, self.gpu.value)
         except ValueError as e:  # e.g. no target selected, or heads that do not divide the width
             self.data, self.summary.value = None, f"<b style='color:#b00'>{e}</b>"
             return
@@ -136,7 +137,7 @@ class Dashboard:
         custom.layout.display = "" if self.model.value == "custom" else "none"
         self.model.observe(lambda c: setattr(custom.layout, "display", "" if c.new == "custom" else "none"), names="value")
         left = W.VBox([self.model, self.method, self.rank, self.seq_len, self.batch_size, self.precision,
-                       self.grad_checkpointing, self.gpu])
+                       self.grad_checkpointing, self.optimizer, self.gpu])
         return W.VBox([W.HBox([left, self.targets]), custom, self.summary, self.out])
 
     def show(self):

@@ -133,3 +133,19 @@ def test_weights_gradients_optimizer_of_a_real_step():
 def test_bad_targets_and_methods_name_the_fix():
     with pytest.raises(ValueError, match="q_proj,k_proj,v_proj"): acc.resolve_targets("query")
     with pytest.raises(ValueError, match="full, lora, qlora"): acc.train_flops(CONFIGS["mqa"], "dora")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_adamw8bit_state_of_a_real_step(method):
+    import bitsandbytes as bnb
+    config = CONFIGS["mha-tied"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if method == "lora": model = get_peft_model(model, LoraConfig(r=16, target_modules=["up_proj", "q_proj"]))
+    opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, config.vocab_size, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    storages = {t.untyped_storage().data_ptr(): t.nbytes for s in opt.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.dim() > 0}
+    assert acc.optimizer_bytes(config, method, 16, ("up_proj", "q_proj"), "adamw8bit") == sum(storages.values())
