@@ -21,7 +21,7 @@ def test_dashboard_follows_its_widgets():
     batch_1 = dash.data["memory_gib"]["full"]["activations"]
     dash.batch_size.value = 4
     # activations grow with the batch (all but RoPE's cos/sin tables, shared by the batch)
-    assert dash.data["memory_gib"]["full"]["activations"] / batch_1 == pytest.approx(4, rel=1e-3)
+    assert dash.data["memory_gib"]["full"]["activations"] / batch_1 == pytest.approx(4, rel=0.01)
 
 
 def test_bad_settings_show_a_reason_not_numbers():
