@@ -13,13 +13,13 @@ __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'LINEAR_INPUT', 'QUANT_B
            'block_saved_bytes', 'loss_saved_bytes', 'saved_bytes', 'memory_bytes', 'fits', 'estimate', 'fit_table',
            'plot_memory']
 
-# %% ../nbs/03_accounting.ipynb #fc78c56b
+# %% ../nbs/03_accounting.ipynb #477ea104
 import json, math
 from pathlib import Path
 from transformers import LlamaConfig
 from .core import LLAMA2_SHAPES, llama2_config, tiny_llama_config
 
-# %% ../nbs/03_accounting.ipynb #e24d7b08
+# %% ../nbs/03_accounting.ipynb #e4604e3b
 MODEL_PRESETS = (*LLAMA2_SHAPES, "tiny")
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -37,9 +37,11 @@ def load_config(model:str|Path|LlamaConfig, # a name in `MODEL_PRESETS`, a path 
     if not isinstance(fields, dict): raise ValueError(f"{path} must hold a JSON object, not {type(fields).__name__}")
     missing = [k for k in _REQUIRED_KEYS if not isinstance(fields.get(k), int)]
     if missing: raise ValueError(f"{path} lacks integer field(s) {', '.join(missing)} of a LLaMA config")
+    biased = [k for k in ("attention_bias", "mlp_bias") if fields.get(k)]
+    if biased: raise ValueError(f"{path} sets {', '.join(biased)}: the accounting covers LLaMA's bias-free linears only")
     return LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
 
-# %% ../nbs/03_accounting.ipynb #9c039b8c
+# %% ../nbs/03_accounting.ipynb #212e7723
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 def head_dim(config:LlamaConfig) -> int:
@@ -63,7 +65,7 @@ def resolve_targets(targets:str|tuple|list, # `"all-linear"`, or names from `LLA
     if unknown: raise ValueError(f"LoRA targets {', '.join(unknown)} unknown: {fix}")
     return targets
 
-# %% ../nbs/03_accounting.ipynb #bb78e43a
+# %% ../nbs/03_accounting.ipynb #df56210f
 METHODS = ("full", "lora", "qlora")
 
 def _check_method(method):
@@ -86,7 +88,7 @@ def param_counts(config:LlamaConfig,
     adapters = adapter_params(config, rank, targets)
     return dict(total=base + adapters, trainable=adapters)
 
-# %% ../nbs/03_accounting.ipynb #674b2ce8
+# %% ../nbs/03_accounting.ipynb #293b04c5
 LINEAR_INPUT = dict(q_proj="x", k_proj="x", v_proj="x", o_proj="attn", gate_proj="h2", up_proj="h2", down_proj="act")
 
 def grad_flow(method:str, targets:tuple, input_grad:bool) -> dict:
@@ -104,8 +106,8 @@ def grad_flow(method:str, targets:tuple, input_grad:bool) -> dict:
     g["out"] = g["h2"] or g["down_proj"]
     return g
 
-# %% ../nbs/03_accounting.ipynb #fb4f1848
-def _blocks(config, method, targets):
+# %% ../nbs/03_accounting.ipynb #3e145f68
+def _blocks(config, method):
     "`(count, input_grad)` pairs: the blocks that share a gradient flow."
     L = config.num_hidden_layers
     return [(L, True)] if method == "full" else [(1, False), (L - 1, True)]
@@ -132,26 +134,26 @@ def train_flops(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     _check_method(method)
     targets, T = resolve_targets(targets), batch_size * seq_len
     fwd = bwd = 0
-    for n, input_grad in _blocks(config, method, targets):
+    for n, input_grad in _blocks(config, method):
         f, b = block_flops(config, method, T, seq_len, rank, targets, input_grad)
         fwd, bwd = fwd + n * f, bwd + n * b
     head = 2 * T * config.hidden_size * config.vocab_size
     fwd, bwd = fwd + head, bwd + head * (1 + (method == "full"))
     return dict(forward=fwd, backward=bwd, total=fwd + bwd, dequant=dequant_flops(config, method, targets))
 
-# %% ../nbs/03_accounting.ipynb #abfd56fe
+# %% ../nbs/03_accounting.ipynb #ea521e58
 QUANT_BLOCK = 64  # weights per NF4 quantization block (bitsandbytes' default)
 
 def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
     "FLOPs spent dequantizing 4-bit weights in one QLoRA step (0 for other methods)."
     if method != "qlora": return 0
     lin, passes = block_linears(config), 0
-    for n, input_grad in _blocks(config, method, targets):
+    for n, input_grad in _blocks(config, method):
         g = grad_flow(method, targets, input_grad)
         passes += n * sum(i * o * (1 + g[LINEAR_INPUT[name]]) for name, (i, o) in lin.items())
     return passes + 2 * passes // QUANT_BLOCK
 
-# %% ../nbs/03_accounting.ipynb #50769a87
+# %% ../nbs/03_accounting.ipynb #6513356b
 def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:int=8,
                     targets=("q_proj", "v_proj"), merged:bool=True) -> int:
     "Forward FLOPs over `batch_size × seq_len` tokens with the adapter merged into the weights or kept apart."
@@ -161,7 +163,7 @@ def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:
     adapters = 0 if merged else L * sum(2 * T * rank * sum(lin[t]) for t in targets)
     return L * block + adapters + 2 * T * config.hidden_size * config.vocab_size
 
-# %% ../nbs/03_accounting.ipynb #01e116b8
+# %% ../nbs/03_accounting.ipynb #665e2757
 DTYPE_BYTES = dict(fp32=4, bf16=2, fp16=2)
 ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32
 
@@ -185,14 +187,14 @@ def weight_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_
     linear_params = L * sum(i * o for i, o in lin)
     return p * (base - linear_params) + L * sum(quantized_bytes(i, o, quant, double_quant) for i, o in lin) + adapters
 
-# %% ../nbs/03_accounting.ipynb #d3ac448b
+# %% ../nbs/03_accounting.ipynb #61ec4dac
 def gradient_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
                    precision:str="bf16") -> int:
     "Bytes of the gradients: one per trainable parameter, in its dtype."
     trainable = param_counts(config, method, rank, targets)["trainable"]
     return trainable * (DTYPE_BYTES[precision] if method == "full" else ADAPTER_BYTES)
 
-# %% ../nbs/03_accounting.ipynb #8c71c28d
+# %% ../nbs/03_accounting.ipynb #8eac957e
 OPTIMIZERS = ("adamw", "adamw8bit")
 ADAM8_BLOCK, ADAM8_MIN_SIZE, ADAM8_CODE = 256, 4096, 256 * 4  # bitsandbytes' blockwise 8-bit state
 
@@ -213,11 +215,11 @@ def optimizer_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=(
     quantized = any(n >= ADAM8_MIN_SIZE for n, _ in tensors)
     return sum(one(n) * c for n, c in tensors) + 2 * ADAM8_CODE * quantized
 
-# %% ../nbs/03_accounting.ipynb #29ea6893
+# %% ../nbs/03_accounting.ipynb #75bec1ba
 ATTENTION = ("eager", "sdpa")
 
 def block_saved_bytes(config:LlamaConfig, method:str, batch_size:int, seq_len:int, rank:int, targets:tuple,
-                      input_grad:bool, precision:str="bf16", attn:str="eager") -> int:
+                      input_grad:bool, precision:str="bf16", attn:str="sdpa") -> int:
     "Bytes one decoder block keeps for the backward pass (HF LLaMA, training mode, no checkpointing)."
     g, full = grad_flow(method, targets, input_grad), method == "full"
     a, T, s = DTYPE_BYTES[precision], batch_size * seq_len, seq_len
@@ -229,7 +231,7 @@ def block_saved_bytes(config:LlamaConfig, method:str, batch_size:int, seq_len:in
         i = lin[kept[0]][0]
         if full: return T * i * a
         copies = 1 if a == ADAPTER_BYTES else len(kept)  # peft casts the input to fp32 once per adapter
-        return T * i * ADAPTER_BYTES * copies + sum(T * rank * ADAPTER_BYTES for _ in kept)  # + xA
+        return T * i * ADAPTER_BYTES * copies + len(kept) * T * rank * ADAPTER_BYTES  # + each adapter's xA
     def norm(x_grad): return T * (4 * d + 4) * x_grad + T * d * a * full  # fp32 input + 1/rms; normed for weight
     saved = norm(g["x"]) + inputs(("q_proj", "k_proj", "v_proj"))
     if attn == "eager":
@@ -263,13 +265,13 @@ def saved_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     d = config.hidden_size
     if grad_checkpointing: blocks = config.num_hidden_layers * T * d * a  # each block's input
     else: blocks = sum(n * block_saved_bytes(config, method, batch_size, seq_len, rank, targets, ig, precision, attn)
-                       for n, ig in _blocks(config, method, targets))
+                       for n, ig in _blocks(config, method))
     rope = 2 * seq_len * head_dim(config) * a                # cos and sin, shared by all blocks
     embed = 8 * T * full                                      # token ids, for the embedding's gradient
     final_norm = T * (4 * d + 4) + 2 * T * d * a * full       # + normed and lm_head input when trained
     return blocks + rope * (not grad_checkpointing) + embed + final_norm + loss_saved_bytes(config, batch_size, seq_len)
 
-# %% ../nbs/03_accounting.ipynb #5941a751
+# %% ../nbs/03_accounting.ipynb #0bd0b8ec
 def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
                  targets=("q_proj", "v_proj"), precision:str="bf16", grad_checkpointing:bool=False,
                  attn:str="sdpa", optimizer:str="adamw", quant:str="nf4", double_quant:bool=True) -> dict:
@@ -285,7 +287,7 @@ def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_le
                activations=saved - logits + recompute, logits=logits)
     return mem | dict(total=sum(mem.values()))
 
-# %% ../nbs/03_accounting.ipynb #eef65d5c
+# %% ../nbs/03_accounting.ipynb #928afc35
 GPUS = {"T4 16GB": 16, "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80}  # GiB
 GPU_RESERVE = 2**30  # CUDA context and allocator slack
 
@@ -313,7 +315,7 @@ def estimate(model:str|Path|LlamaConfig="llama-2-7b", method:str="lora", rank:in
                 dequant_flops=flops["dequant"], memory_bytes=mem,
                 fits={gpu: fits(mem["total"], gpu) for gpu in GPUS})
 
-# %% ../nbs/03_accounting.ipynb #3aed04e3
+# %% ../nbs/03_accounting.ipynb #f286e03d
 def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, **setup) -> list[dict]:
     "One row per model × method: memory in GiB by kind and whether each of `GPUS` fits."
     rows = []
@@ -325,7 +327,7 @@ def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, **setup) -> list[dic
                              **{gpu: "fits" if ok else "—" for gpu, ok in est["fits"].items()}))
     return rows
 
-# %% ../nbs/03_accounting.ipynb #de7dea9e
+# %% ../nbs/03_accounting.ipynb #29342321
 MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "logits")
 
 def plot_memory(rows:list[dict], # rows of `fit_table`

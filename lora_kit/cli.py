@@ -7,18 +7,18 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #af656fdd
+# %% ../nbs/cli.ipynb #c9184a17
 import argparse, json, sys
 from . import accounting
 
-# %% ../nbs/cli.ipynb #ea4cb86a
+# %% ../nbs/cli.ipynb #a87feb9c
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise UsageError(f"{self.prog}: {message} (see --help)")
 
-# %% ../nbs/cli.ipynb #1e910297
+# %% ../nbs/cli.ipynb #2a0c22a6
 def estimate(args) -> dict:
     "The `accounting.estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -26,7 +26,7 @@ def estimate(args) -> dict:
                                    args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #6b3c19b4
+# %% ../nbs/cli.ipynb #fdca7785
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -47,12 +47,12 @@ def _print_estimate(args):
     est = estimate(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #b49361b8
+# %% ../nbs/cli.ipynb #227cf971
 def _not_yet(name, issue):
     def run(args): raise UsageError(f"lora-kit {name}: not implemented yet (tracked in issue {issue})")
     return run
 
-# %% ../nbs/cli.ipynb #634326b8
+# %% ../nbs/cli.ipynb #426f4f59
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help).set_defaults(run=_not_yet(name, issue))
     return p
 
-# %% ../nbs/cli.ipynb #ce172c2c
+# %% ../nbs/cli.ipynb #347a4b64
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `lora-kit` console script; returns the exit code."
     try:
@@ -87,5 +87,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #581a7f9e
+# %% ../nbs/cli.ipynb #44f237ca
 if __name__ == "__main__": sys.exit(main())
