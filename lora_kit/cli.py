@@ -7,27 +7,27 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #28f9e960
+# %% ../nbs/cli.ipynb #088e5429
 import argparse, json, sys
 from . import accounting
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #f340cdd6
+# %% ../nbs/cli.ipynb #8d7465ef
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise UsageError(f"{self.prog}: {message} (see --help)")
 
-# %% ../nbs/cli.ipynb #b11eca03
+# %% ../nbs/cli.ipynb #eb035558
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
         return estimate(args.model, args.method, args.rank, args.targets, args.seq_len, args.batch_size,
-                                   args.grad_checkpointing, args.precision, args.attn, args.optimizer)
+                        args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #826374e8
+# %% ../nbs/cli.ipynb #dc75fd9e
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -48,12 +48,12 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #83c92872
+# %% ../nbs/cli.ipynb #74497796
 def _not_yet(name, issue):
     def run(args): raise UsageError(f"lora-kit {name}: not implemented yet (tracked in issue {issue})")
     return run
 
-# %% ../nbs/cli.ipynb #ea85d223
+# %% ../nbs/cli.ipynb #7f35fcbc
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help).set_defaults(run=_not_yet(name, issue))
     return p
 
-# %% ../nbs/cli.ipynb #938ededd
+# %% ../nbs/cli.ipynb #fb6be86b
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `lora-kit` console script; returns the exit code."
     try:
@@ -88,5 +88,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #63c8c0ea
+# %% ../nbs/cli.ipynb #fb8e1336
 if __name__ == "__main__": sys.exit(main())

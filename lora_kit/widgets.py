@@ -1,4 +1,4 @@
-"""Rank, targets, model, method, precision, sequence length, batch size and gradient checkpointing in; memory by kind, FLOPs per step, trainable share and which GPU fits out. The logic is a pure function of the settings, tested by setting widget values.
+"""Rank, targets, model, method, precision, sequence length, batch size, gradient checkpointing, optimizer and GPU in; memory by kind, FLOPs per step, trainable share and which GPU fits out. The logic is a pure function of the settings, tested by setting widget values.
 
 Docs: https://lora-kit.github.io/lora_kit/widgets.html.md"""
 
@@ -7,14 +7,13 @@ Docs: https://lora-kit.github.io/lora_kit/widgets.html.md"""
 # %% auto #0
 __all__ = ['GIB', 'RANKS', 'custom_config', 'dashboard_data', 'draw', 'Dashboard']
 
-# %% ../nbs/04_widgets.ipynb #5e0e854d
+# %% ../nbs/04_widgets.ipynb #a80ec07a
 import ipywidgets as W
 from IPython.display import display
 from transformers import LlamaConfig
-from .accounting import (GPUS, LLAMA_LINEARS, METHODS, MEMORY_KINDS, DTYPE_BYTES, MODEL_PRESETS,
-                                 OPTIMIZERS, estimate)
+from .accounting import GPUS, LLAMA_LINEARS, METHODS, MEMORY_KINDS, DTYPE_BYTES, MODEL_PRESETS, OPTIMIZERS, estimate
 
-# %% ../nbs/04_widgets.ipynb #24adb17c
+# %% ../nbs/04_widgets.ipynb #b8d7d1bb
 def custom_config(hidden_size:int=2048, intermediate_size:int=5632, num_hidden_layers:int=22,
                   num_attention_heads:int=32, num_key_value_heads:int=4, vocab_size:int=32000,
                   tie_word_embeddings:bool=False) -> LlamaConfig:
@@ -26,7 +25,7 @@ def custom_config(hidden_size:int=2048, intermediate_size:int=5632, num_hidden_l
                        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                        vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings)
 
-# %% ../nbs/04_widgets.ipynb #a0eadddd
+# %% ../nbs/04_widgets.ipynb #a3a35b86
 GIB = 2**30
 
 def dashboard_data(model:str|LlamaConfig="llama-2-7b", # a name in `MODEL_PRESETS` or a custom `LlamaConfig`
@@ -49,7 +48,7 @@ def dashboard_data(model:str|LlamaConfig="llama-2-7b", # a name in `MODEL_PRESET
         dequant_flops=per_method["qlora"]["dequant_flops"],
         fits=chosen["fits"], fits_gpu=chosen["fits"][gpu])
 
-# %% ../nbs/04_widgets.ipynb #e0354f6a
+# %% ../nbs/04_widgets.ipynb #0a565063
 def draw(data:dict, # from `dashboard_data`
          fig=None):
     "The dashboard's two charts for `data`, drawn into `fig` (a new figure if `None`)."
@@ -72,7 +71,7 @@ def draw(data:dict, # from `dashboard_data`
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_widgets.ipynb #4439e962
+# %% ../nbs/04_widgets.ipynb #d3cbaa7b
 RANKS = tuple(2**i for i in range(9))  # 1 … 256
 
 class Dashboard:
