@@ -13,13 +13,13 @@ __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'LINEAR_INPUT', 'QUANT_B
            'block_saved_bytes', 'loss_saved_bytes', 'saved_bytes', 'memory_bytes', 'fits', 'estimate', 'fit_table',
            'plot_memory']
 
-# %% ../nbs/03_accounting.ipynb #2cecb446
+# %% ../nbs/03_accounting.ipynb #1fd5019f
 import json, math
 from pathlib import Path
 from transformers import LlamaConfig
 from .core import LLAMA2_SHAPES, llama2_config, tiny_llama_config
 
-# %% ../nbs/03_accounting.ipynb #f7c6b61c
+# %% ../nbs/03_accounting.ipynb #53e1c466
 MODEL_PRESETS = (*LLAMA2_SHAPES, "tiny")
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -41,7 +41,7 @@ def load_config(model:str|Path|LlamaConfig, # a name in `MODEL_PRESETS`, a path 
     if biased: raise ValueError(f"{path} sets {', '.join(biased)}: the accounting covers LLaMA's bias-free linears only")
     return LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
 
-# %% ../nbs/03_accounting.ipynb #0db6ea26
+# %% ../nbs/03_accounting.ipynb #ff241488
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 def head_dim(config:LlamaConfig) -> int:
@@ -65,7 +65,7 @@ def resolve_targets(targets:str|tuple|list, # `"all-linear"`, or names from `LLA
     if unknown: raise ValueError(f"LoRA targets {', '.join(unknown)} unknown: {fix}")
     return targets
 
-# %% ../nbs/03_accounting.ipynb #2a189537
+# %% ../nbs/03_accounting.ipynb #a01657ca
 METHODS = ("full", "lora", "qlora")
 
 def _check_method(method):
@@ -88,7 +88,7 @@ def param_counts(config:LlamaConfig,
     adapters = adapter_params(config, rank, targets)
     return dict(total=base + adapters, trainable=adapters)
 
-# %% ../nbs/03_accounting.ipynb #5cf03275
+# %% ../nbs/03_accounting.ipynb #a49d7e3d
 LINEAR_INPUT = dict(q_proj="x", k_proj="x", v_proj="x", o_proj="attn", gate_proj="h2", up_proj="h2", down_proj="act")
 
 def grad_flow(method:str, targets:tuple, input_grad:bool) -> dict:
@@ -106,7 +106,7 @@ def grad_flow(method:str, targets:tuple, input_grad:bool) -> dict:
     g["out"] = g["h2"] or g["down_proj"]
     return g
 
-# %% ../nbs/03_accounting.ipynb #5b5436ea
+# %% ../nbs/03_accounting.ipynb #8799eef8
 def _blocks(config, method):
     "`(count, input_grad)` pairs: the blocks that share a gradient flow."
     L = config.num_hidden_layers
@@ -141,7 +141,7 @@ def train_flops(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     fwd, bwd = fwd + head, bwd + head * (1 + (method == "full"))
     return dict(forward=fwd, backward=bwd, total=fwd + bwd, dequant=dequant_flops(config, method, targets))
 
-# %% ../nbs/03_accounting.ipynb #8d6042e3
+# %% ../nbs/03_accounting.ipynb #6ceacdb1
 QUANT_BLOCK = 64  # weights per NF4 quantization block (bitsandbytes' default)
 
 def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
@@ -153,7 +153,7 @@ def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
         passes += n * sum(i * o * (1 + g[LINEAR_INPUT[name]]) for name, (i, o) in lin.items())
     return passes + 2 * passes // QUANT_BLOCK
 
-# %% ../nbs/03_accounting.ipynb #21a4b36e
+# %% ../nbs/03_accounting.ipynb #7be6f37c
 def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:int=8,
                     targets=("q_proj", "v_proj"), merged:bool=True) -> int:
     "Forward FLOPs over `batch_size × seq_len` tokens with the adapter merged into the weights or kept apart."
@@ -163,7 +163,7 @@ def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:
     adapters = 0 if merged else L * sum(2 * T * rank * sum(lin[t]) for t in targets)
     return L * block + adapters + 2 * T * config.hidden_size * config.vocab_size
 
-# %% ../nbs/03_accounting.ipynb #f4754149
+# %% ../nbs/03_accounting.ipynb #4a3af540
 DTYPE_BYTES = dict(fp32=4, bf16=2, fp16=2)
 ADAPTER_BYTES = 4  # peft keeps adapter weights in fp32
 
@@ -187,14 +187,14 @@ def weight_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_
     linear_params = L * sum(i * o for i, o in lin)
     return p * (base - linear_params) + L * sum(quantized_bytes(i, o, quant, double_quant) for i, o in lin) + adapters
 
-# %% ../nbs/03_accounting.ipynb #325c653b
+# %% ../nbs/03_accounting.ipynb #e4dd716f
 def gradient_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
                    precision:str="bf16") -> int:
     "Bytes of the gradients: one per trainable parameter, in its dtype."
     trainable = param_counts(config, method, rank, targets)["trainable"]
     return trainable * (DTYPE_BYTES[precision] if method == "full" else ADAPTER_BYTES)
 
-# %% ../nbs/03_accounting.ipynb #11e16fdf
+# %% ../nbs/03_accounting.ipynb #614e4835
 OPTIMIZERS = ("adamw", "adamw8bit")
 ADAM8_BLOCK, ADAM8_MIN_SIZE, ADAM8_CODE = 256, 4096, 256 * 4  # bitsandbytes' blockwise 8-bit state
 
@@ -215,7 +215,7 @@ def optimizer_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=(
     quantized = any(n >= ADAM8_MIN_SIZE for n, _ in tensors)
     return sum(one(n) * c for n, c in tensors) + 2 * ADAM8_CODE * quantized
 
-# %% ../nbs/03_accounting.ipynb #eb5b6463
+# %% ../nbs/03_accounting.ipynb #57478b4e
 ATTENTION = ("eager", "sdpa")
 
 def block_saved_bytes(config:LlamaConfig, method:str, batch_size:int, seq_len:int, rank:int, targets:tuple,
@@ -271,7 +271,7 @@ def saved_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     final_norm = T * (4 * d + 4) + 2 * T * d * a * full       # + normed and lm_head input when trained
     return blocks + rope * (not grad_checkpointing) + embed + final_norm + loss_saved_bytes(config, batch_size, seq_len)
 
-# %% ../nbs/03_accounting.ipynb #ad7e14c7
+# %% ../nbs/03_accounting.ipynb #5f79e2c7
 def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
                  targets=("q_proj", "v_proj"), precision:str="bf16", grad_checkpointing:bool=False,
                  attn:str="sdpa", optimizer:str="adamw", quant:str="nf4", double_quant:bool=True) -> dict:
@@ -287,7 +287,7 @@ def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_le
                activations=saved - logits + recompute, logits=logits)
     return mem | dict(total=sum(mem.values()))
 
-# %% ../nbs/03_accounting.ipynb #757165f4
+# %% ../nbs/03_accounting.ipynb #8cd99b84
 GPUS = {"T4 16GB": 16, "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80}  # GiB
 GPU_RESERVE = 2**30  # CUDA context and allocator slack
 
@@ -315,7 +315,7 @@ def estimate(model:str|Path|LlamaConfig="llama-2-7b", method:str="lora", rank:in
                 dequant_flops=flops["dequant"], memory_bytes=mem,
                 fits={gpu: fits(mem["total"], gpu) for gpu in GPUS})
 
-# %% ../nbs/03_accounting.ipynb #661800a6
+# %% ../nbs/03_accounting.ipynb #35ef4f6b
 def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, **setup) -> list[dict]:
     "One row per model × method: memory in GiB by kind and whether each of `GPUS` fits."
     rows = []
@@ -327,7 +327,7 @@ def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, **setup) -> list[dic
                              **{gpu: "fits" if ok else "—" for gpu, ok in est["fits"].items()}))
     return rows
 
-# %% ../nbs/03_accounting.ipynb #f0619d9a
+# %% ../nbs/03_accounting.ipynb #a8d8654c
 MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "logits")
 
 def plot_memory(rows:list[dict], # rows of `fit_table`

@@ -149,3 +149,37 @@ def test_adamw8bit_state_of_a_real_step(method):
     storages = {t.untyped_storage().data_ptr(): t.nbytes for s in opt.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0}
     assert acc.optimizer_bytes(config, method, 16, ("up_proj", "q_proj"), "adamw8bit") == sum(storages.values())
+
+
+def quantize_block_linears(model):
+    "Replace every block linear of `model` by a bitsandbytes NF4 `Linear4bit` (double quantization), on the CPU."
+    import bitsandbytes as bnb
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                setattr(module, name, q.to("cpu"))  # quantizes
+    return model
+
+
+def quant_state_bytes(model):
+    import bitsandbytes as bnb
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return sum(t.nbytes for s in states for t in (s.absmax, s.code, s.offset, s.state2.absmax, s.state2.code))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_qlora_weights_and_activations_with_real_4bit_layers(attn):
+    config = LlamaConfig(vocab_size=700, hidden_size=128, intermediate_size=344, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = quantize_block_linears(LlamaForCausalLM(config).to(torch.bfloat16))
+    targets = ("q_proj", "v_proj", "down_proj")
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=list(targets)))
+    weights = sum(p.nbytes for p in model.parameters()) + quant_state_bytes(model)
+    assert acc.weight_bytes(config, "qlora", 8, targets, "bf16", "nf4", double_quant=True) == weights
+    measured = autograd_saved_bytes(model, 2, 64, attn)
+    assert acc.saved_bytes(config, "qlora", 2, 64, 8, targets, "bf16", attn) == pytest.approx(measured, rel=0.10)
