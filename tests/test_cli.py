@@ -8,6 +8,14 @@ def lora_kit(*args):
     return subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+def in_process(capsys, *args):
+    "The same entry point without a new interpreter (each costs seconds of imports): (exit code, stdout, stderr)."
+    from lora_kit.cli import main
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def test_help_lists_every_subcommand():
     r = lora_kit("--help")
     assert r.returncode == 0
@@ -19,19 +27,75 @@ def test_estimate_json_matches_closed_form():
     assert r.returncode == 0, r.stderr
     est = json.loads(r.stdout)
     # 40 layers x (q_proj + v_proj), each 5120 -> 5120: r * (in + out) per layer
-    assert est["trainable_params"] == 40 * 2 * 16 * (5120 + 5120)
+    assert est["params_trainable"] == 40 * 2 * 16 * (5120 + 5120)
     # LLaMA-2-13B: 13,015,864,320 parameters (embeddings, 40 blocks, norm, lm_head)
-    assert est["total_params"] - est["trainable_params"] == 13_015_864_320
+    assert est["params_total"] - est["params_trainable"] == 13_015_864_320
+
+
+def test_estimate_json_has_the_contract_keys_and_echoes_inputs():
+    r = lora_kit("estimate", "--model", "llama-2-7b", "--method", "qlora", "--rank", "4", "--targets", "all-linear",
+                 "--seq-len", "256", "--batch-size", "2", "--grad-checkpointing", "--json")
+    assert r.returncode == 0, r.stderr
+    est = json.loads(r.stdout)
+    assert {k: est[k] for k in ("model", "method", "rank", "seq_len", "batch_size", "grad_checkpointing")} == dict(
+        model="llama-2-7b", method="qlora", rank=4, seq_len=256, batch_size=2, grad_checkpointing=True)
+    assert est["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    mem = est["memory_bytes"]
+    assert {"weights", "gradients", "optimizer", "activations", "total"} <= set(mem)
+    assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+    # AdamW: two fp32 moments per trainable parameter
+    assert mem["optimizer"] == 8 * est["params_trainable"]
+    # a LoRA step is between the 4NT and 6NT rules of thumb (N without the embedding lookup, T = 512 tokens)
+    n = est["params_total"] - est["params_trainable"] - 32000 * 4096
+    assert 4 * n * 512 < est["flops_per_step"] < 6 * n * 512
+
+
+def test_estimate_table_without_json():
+    r = lora_kit("estimate", "--model", "llama-2-70b", "--method", "full")
+    assert r.returncode == 0, r.stderr
+    assert "memory: total" in r.stdout and "fits H100 80GB" in r.stdout
+
+
+def test_estimate_reads_a_config_json(tmp_path, capsys):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    config.save_pretrained(tmp_path)
+    r = in_process(capsys, "estimate", "--model", str(tmp_path / "config.json"), "--method", "full", "--json")
+    assert r.returncode == 0, r.stderr
+    with torch.device("meta"): model = LlamaForCausalLM(config)
+    assert json.loads(r.stdout)["params_total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"hidden_size": 64}', "lacks integer field(s) intermediate_size"),
+])
+def test_bad_config_json_exits_2_with_one_line(tmp_path, capsys, content, reason):
+    (tmp_path / "config.json").write_text(content)
+    r = in_process(capsys, "estimate", "--model", str(tmp_path / "config.json"))
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and reason in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args, reason", [
-    (("estimate", "--rank", "0"), "--rank must be >= 1"),
-    (("estimate", "--model", "llama-3"), "invalid choice"),
+    (("estimate", "--rank", "0"), "rank must be >= 1"),
+    (("estimate", "--model", "llama-3"), "neither a preset"),
     (("estimate", "--rank", "eight"), "invalid int value"),
+    (("estimate", "--method", "dora"), "invalid choice"),
+    (("estimate", "--targets", "q,v"), "LoRA targets q, v unknown"),
+    (("estimate", "--seq-len", "0"), "seq_len and batch_size must be >= 1"),
     (("finetune",), "not implemented yet"),
-    (("frobnicate",), "invalid choice"),
 ])
-def test_bad_input_exits_2_with_one_line(args, reason):
-    r = lora_kit(*args)
+def test_bad_input_exits_2_with_one_line(capsys, args, reason):
+    r = in_process(capsys, *args)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and reason in r.stderr and "Traceback" not in r.stderr
+
+
+def test_console_script_exits_2_on_bad_input():
+    r = lora_kit("frobnicate")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
