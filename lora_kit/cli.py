@@ -7,19 +7,24 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #088e5429
+# %% ../nbs/cli.ipynb #8e719920
 import argparse, json, sys
 from . import accounting
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #8d7465ef
+# %% ../nbs/cli.ipynb #40820de3
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise UsageError(f"{self.prog}: {message} (see --help)")
 
-# %% ../nbs/cli.ipynb #eb035558
+def _positive_int(text:str) -> int:
+    "An argparse type: an integer >= 1."
+    if not text.isdigit() or int(text) < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+# %% ../nbs/cli.ipynb #e25c9d65
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -27,7 +32,7 @@ def estimate_args(args) -> dict:
                         args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #dc75fd9e
+# %% ../nbs/cli.ipynb #20c22375
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -48,12 +53,22 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #74497796
+# %% ../nbs/cli.ipynb #d0ab2d8a
+def _generate(args):
+    from lora_kit.finetune import generate, load_adapted
+    model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
+    print(generate(model, tokenizer, [args.prompt], args.max_new_tokens, args.temperature, args.top_p)[0])
+
+def _merge(args):
+    from lora_kit.finetune import merge_adapter
+    print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
+
+# %% ../nbs/cli.ipynb #eadd9ba6
 def _not_yet(name, issue):
     def run(args): raise UsageError(f"lora-kit {name}: not implemented yet (tracked in issue {issue})")
     return run
 
-# %% ../nbs/cli.ipynb #7f35fcbc
+# %% ../nbs/cli.ipynb #aea10cbb
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -71,22 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attn", default="sdpa", choices=accounting.ATTENTION, help="attention implementation")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(run=_print_estimate)
-    for name, issue, help in [("finetune", 6, "fine-tune a model with LoRA"), ("generate", 6, "generate with an adapter"),
-                              ("merge", 6, "merge an adapter into its base"), ("bench", 8, "LoRA benchmarks"),
+    g = sub.add_parser("generate", help="generate with an adapter (its config names the base)")
+    g.add_argument("--adapter", required=True, help="adapter folder (peft format)")
+    g.add_argument("--prompt", required=True, help="the exact text given to the model")
+    g.add_argument("--model", help="base model: tiny, a folder or a Hub id (default: the adapter's base)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--4bit", dest="four_bit", action="store_true", help="load the base in 4 bits (bitsandbytes)")
+    g.set_defaults(run=_generate)
+    m = sub.add_parser("merge", help="merge an adapter into its base: a plain Hugging Face checkpoint")
+    m.add_argument("--adapter", required=True, help="adapter folder (peft format)")
+    m.add_argument("--output", required=True, help="new folder for the merged model")
+    m.add_argument("--model", help="base model (default: the adapter's base)")
+    m.set_defaults(run=_merge)
+    for name, issue, help in [("finetune", 6, "fine-tune a model with LoRA"), ("bench", 8, "LoRA benchmarks"),
                               ("app", 10, "the Streamlit app")]:
         sub.add_parser(name, help=help).set_defaults(run=_not_yet(name, issue))
     return p
 
-# %% ../nbs/cli.ipynb #fb6be86b
+# %% ../nbs/cli.ipynb #7585e217
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `lora-kit` console script; returns the exit code."
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
-    except UsageError as e:
-        print(e, file=sys.stderr)
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:  # the library's errors for bad input
+        print(" ".join(str(e).split()), file=sys.stderr)
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #fb8e1336
+# %% ../nbs/cli.ipynb #23f2dad6
 if __name__ == "__main__": sys.exit(main())

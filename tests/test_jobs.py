@@ -1,0 +1,62 @@
+"`lora-kit generate` and `lora-kit merge` as a user runs them, on a local checkpoint."
+import os, subprocess, sys
+
+import pytest, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_kit.core import byte_tokenizer, tiny_llama
+from lora_kit.finetune import generate, load_adapted
+from lora_kit.inject import add_lora, save_adapter
+
+PROMPT = "<s>Halo dunia"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def lora_kit(*args):
+    return subprocess.run([sys.executable, "-m", "lora_kit.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    tiny_llama().save_pretrained(root / "base"); byte_tokenizer().save_pretrained(root / "base")
+    model = add_lora(tiny_llama(), ["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n: p.normal_(std=0.5)
+    return save_adapter(model, root / "adapter", base_model_name_or_path=str(root / "base"))
+
+
+def test_generate_prints_the_adapted_models_greedy_text(adapter):
+    r = lora_kit("generate", "--adapter", adapter, "--prompt", PROMPT, "--max-new-tokens", 12)
+    assert r.returncode == 0, r.stderr
+    model, tok = load_adapted(adapter)
+    base = AutoModelForCausalLM.from_pretrained(adapter.parent / "base")
+    expected = generate(model, tok, [PROMPT], 12)[0]
+    assert r.stdout.strip() == expected and expected != generate(base, tok, [PROMPT], 12)[0]
+
+
+def test_merge_writes_a_plain_checkpoint_with_the_same_generations(adapter, tmp_path):
+    r = lora_kit("merge", "--adapter", adapter, "--output", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k for k in merged.state_dict())
+    model, tok = load_adapted(adapter)
+    ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad(): assert (merged(ids).logits - model(ids).logits).abs().max() < 1e-5
+    assert generate(merged, AutoTokenizer.from_pretrained(tmp_path / "merged"), [PROMPT], 12) == generate(model, tok, [PROMPT], 12)
+
+
+@pytest.mark.parametrize("args, reason", [
+    (("generate", "--adapter", "{tmp}/nowhere", "--prompt", "x"), "No adapter_config.json"),
+    (("generate", "--adapter", "{adapter}", "--prompt", "x", "--model", "{tmp}"), "no config.json"),
+    (("generate", "--adapter", "{adapter}", "--prompt", "x", "--max-new-tokens", "0"), "must be an integer >= 1"),
+    (("merge", "--adapter", "{adapter}", "--output", "{adapter}"), "already exists"),
+    (("merge", "--adapter", "{adapter}"), "the following arguments are required: --output"),
+])
+def test_bad_input_exits_2_with_one_line(adapter, tmp_path, args, reason):
+    r = lora_kit(*(a.format(tmp=tmp_path, adapter=adapter) for a in args))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and reason in r.stderr and "Traceback" not in r.stderr
