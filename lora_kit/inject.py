@@ -9,7 +9,7 @@ __all__ = ['ALL_LINEAR', 'CONFIG_NAME', 'WEIGHTS_NAME', 'PEFT_PREFIX', 'UNSUPPOR
            'trainable_parameters', 'merge_lora', 'unmerge_lora', 'remove_lora', 'adapter_state_dict', 'save_adapter',
            'read_adapter_config', 'read_adapter_weights', 'load_adapter']
 
-# %% ../nbs/02_inject.ipynb #06bfb8a4
+# %% ../nbs/02_inject.ipynb #bdc95e59
 import json, re
 from pathlib import Path
 import torch
@@ -18,8 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from .core import atomic_write, count_params
 from .layers import LoRALinear
+from .efficient import EfficientLoRALinear
 
-# %% ../nbs/02_inject.ipynb #0689690b
+# %% ../nbs/02_inject.ipynb #16057fc4
 ALL_LINEAR = "all-linear"
 
 def _linear_names(model:nn.Module) -> list[str]:
@@ -33,7 +34,7 @@ def _matches(name:str, target_modules) -> bool:
     if isinstance(target_modules, str): return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
-# %% ../nbs/02_inject.ipynb #a0e9b8b7
+# %% ../nbs/02_inject.ipynb #328f7e99
 def find_targets(model:nn.Module,
                  target_modules=("q_proj", "v_proj"), # name suffixes, a full-match regex, or "all-linear"
                 ) -> list[str]:
@@ -56,7 +57,7 @@ def find_targets(model:nn.Module,
                          f"{', '.join(wrong[:3])}; name the linear layers inside instead.")
     return names
 
-# %% ../nbs/02_inject.ipynb #4d3e3902
+# %% ../nbs/02_inject.ipynb #e0e16ff6
 def _lora_layers(model:nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -64,14 +65,14 @@ def _replace(model:nn.Module, name:str, new:nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
-# %% ../nbs/02_inject.ipynb #0f71c561
+# %% ../nbs/02_inject.ipynb #1b5623d3
 def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
              target_modules=("q_proj", "v_proj"), # name suffixes, a full-match regex, or "all-linear"
              r:int=8, # rank
              alpha:float=16, # scale numerator (alpha/r, or alpha/√r with rsLoRA)
              dropout:float=0.0, # dropout on the adapters' input
              use_rslora:bool=False, # rank-stabilized scaling alpha/√r
-             layer_cls=LoRALinear, # the adapter layer class
+             layer_cls=EfficientLoRALinear, # the adapter layer class: a `LoRALinear` or a subclass
             ) -> nn.Module:
     "Freeze `model` and wrap each target `nn.Linear` in a trainable LoRA adapter; returns `model`."
     if _lora_layers(model):
@@ -87,13 +88,13 @@ def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
                              target_modules=saved_targets)
     return model
 
-# %% ../nbs/02_inject.ipynb #0c10656b
+# %% ../nbs/02_inject.ipynb #ad4598dc
 def trainable_parameters(model:nn.Module) -> str:
     "peft-style one-line report: trainable and total parameters and the trainable share."
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
-# %% ../nbs/02_inject.ipynb #faf45450
+# %% ../nbs/02_inject.ipynb #296b9077
 def merge_lora(model:nn.Module) -> nn.Module:
     "Fold every adapter into its base weight (in place, idempotent)."
     for layer in _lora_layers(model).values(): layer.merge()
@@ -113,7 +114,7 @@ def remove_lora(model:nn.Module, merge:bool=True) -> nn.Module:
     model.__dict__.pop("lora_config", None)
     return model
 
-# %% ../nbs/02_inject.ipynb #b2003bc2
+# %% ../nbs/02_inject.ipynb #02061873
 CONFIG_NAME, WEIGHTS_NAME, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 def adapter_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
@@ -121,7 +122,7 @@ def adapter_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
     return {f"{PEFT_PREFIX}{name}.{ab}.weight": getattr(layer, ab).weight.detach().contiguous()
             for name, layer in _lora_layers(model).items() for ab in ("lora_A", "lora_B")}
 
-# %% ../nbs/02_inject.ipynb #fdd6c78c
+# %% ../nbs/02_inject.ipynb #fe00661b
 def save_adapter(model:nn.Module, # a model with LoRA adapters (from `add_lora` or `load_adapter`)
                  path:str|Path, # folder to write; other files in it are left alone
                  base_model_name_or_path:str|None=None, # default: the model's own `name_or_path`, if any
@@ -137,7 +138,7 @@ def save_adapter(model:nn.Module, # a model with LoRA adapters (from `add_lora` 
     atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
-# %% ../nbs/02_inject.ipynb #07d2602f
+# %% ../nbs/02_inject.ipynb #17f5de30
 UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform", "layer_replication",
                "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters", "trainable_token_indices")
 
@@ -157,7 +158,7 @@ def read_adapter_config(path:str|Path) -> dict:
     if config.get("bias", "none") != "none": raise ValueError(f"{file} trains biases (bias={config['bias']!r}); lora_kit supports bias='none'.")
     return config
 
-# %% ../nbs/02_inject.ipynb #6db3d83b
+# %% ../nbs/02_inject.ipynb #40e84832
 def read_adapter_weights(path:str|Path) -> dict[str, torch.Tensor]:
     "The tensors of `adapter_model.safetensors` in folder `path` (never a pickle)."
     file = Path(path) / WEIGHTS_NAME
@@ -168,7 +169,7 @@ def read_adapter_weights(path:str|Path) -> dict[str, torch.Tensor]:
     try: return load_file(str(file))
     except (SafetensorError, OSError) as e: raise ValueError(f"{file} is not a readable safetensors file ({e}); re-save the adapter.") from None
 
-# %% ../nbs/02_inject.ipynb #eeb1f7a3
+# %% ../nbs/02_inject.ipynb #5b9e98e5
 def _check_keys(expected:dict[str, torch.Tensor], found:dict[str, torch.Tensor], path):
     "Raise `ValueError` naming the first keys/shapes that differ between model and file."
     if extra := sorted(found.keys() - expected.keys()):
@@ -181,7 +182,7 @@ def _check_keys(expected:dict[str, torch.Tensor], found:dict[str, torch.Tensor],
             raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but this model needs "
                              f"{tuple(expected[key].shape)}: the adapter belongs to a different base model.")
 
-# %% ../nbs/02_inject.ipynb #7d9d031e
+# %% ../nbs/02_inject.ipynb #0535531c
 def load_adapter(model:nn.Module, # the base model the adapter was trained on (without adapters); changed in place
                  path:str|Path, # an adapter folder in peft's format (saved by lora_kit or peft)
                 ) -> nn.Module:
