@@ -6,9 +6,9 @@ Docs: https://lora-kit.github.io/lora_kit/efficiency.html.md"""
 
 # %% auto #0
 __all__ = ['SavedTensor', 'SavedTensorLog', 'dropout_keep_mask', 'dropout_keep_scale', 'LoRAFunction', 'EfficientLoRALinear',
-           'LinearCrossEntropy', 'chunked_cross_entropy', 'causal_lm_loss']
+           'count_flops', 'LinearCrossEntropy', 'chunked_cross_entropy', 'causal_lm_loss']
 
-# %% ../nbs/10_efficiency.ipynb #81ac8a4a
+# %% ../nbs/10_efficiency.ipynb #6a4ac848
 import math
 from collections import defaultdict
 from typing import NamedTuple
@@ -16,9 +16,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import FlopCounterMode
 from .layers import LoRALinear
 
-# %% ../nbs/10_efficiency.ipynb #de89456f
+# %% ../nbs/10_efficiency.ipynb #23fd1716
 class SavedTensor(NamedTuple):
     module:str   # qualified name of the innermost module running when the tensor was saved
     shape:tuple
@@ -77,7 +78,7 @@ class SavedTensorLog:
         for r in self.unique(): out[r.module] += r.nbytes
         return dict(out)
 
-# %% ../nbs/10_efficiency.ipynb #1440486f
+# %% ../nbs/10_efficiency.ipynb #832408e3
 def dropout_keep_mask(shape:tuple, # the shape of the input to drop out
                       p:float, # dropout probability, rounded to a multiple of 2⁻¹⁶
                       device=None) -> torch.Tensor:
@@ -90,7 +91,7 @@ def dropout_keep_scale(p:float) -> float:
     "The factor 1/(1-p) for the rounded `p` that `dropout_keep_mask` actually drops with."
     return 2**16 / (2**16 - round(p * 2**16))
 
-# %% ../nbs/10_efficiency.ipynb #7b640d61
+# %% ../nbs/10_efficiency.ipynb #71ed370c
 class LoRAFunction(torch.autograd.Function):
     "`x W^T + b + scale * (keep_scale * (x*keep) A^T) B^T` with a hand-written backward for a frozen W."
     @staticmethod
@@ -98,7 +99,7 @@ class LoRAFunction(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         u = (rows if keep is None else rows * keep.view(rows.shape)) @ lora_A.T
         if keep is not None: u.mul_(keep_scale)
-        out = torch.addmm(F.linear(rows, weight, bias), u, lora_B.T, alpha=scale)
+        out = F.linear(rows, weight, bias).addmm_(u, lora_B.T, alpha=scale)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u, keep)  # x: the caller's own tensor, shared if reused
         ctx.scale, ctx.keep_scale = scale, keep_scale
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -115,12 +116,12 @@ class LoRAFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
-            if keep is None: grad_x = torch.addmm(grad_x, v, lora_A)
+            if keep is None: grad_x.addmm_(v, lora_A)
             else: grad_x.add_((v @ lora_A).mul_(keep))
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
-# %% ../nbs/10_efficiency.ipynb #e7ef9685
+# %% ../nbs/10_efficiency.ipynb #8d82dce4
 class EfficientLoRALinear(LoRALinear):
     """`LoRALinear` with a memory-lean backward: saves x once (shared by layers that read the same tensor),
     the dropout mask as bool, and the r-wide `x A^T`; no second full-size copy of the input."""
@@ -136,7 +137,16 @@ class EfficientLoRALinear(LoRALinear):
         return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A.weight, self.lora_B.weight,
                                   self.scale, keep, dropout_keep_scale(p))
 
-# %% ../nbs/10_efficiency.ipynb #9f21f1bd
+# %% ../nbs/10_efficiency.ipynb #d66b1e71
+def _addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+
+def count_flops(fn) -> int:
+    "FLOPs of the matmuls `fn()` runs, by `FlopCounterMode`, with in-place `addmm_` counted like `addmm`."
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter: fn()
+    return counter.get_total_flops()
+
+# %% ../nbs/10_efficiency.ipynb #dfb60001
 class LinearCrossEntropy(torch.autograd.Function):
     "Mean (or summed) cross-entropy of `hidden @ weight.T` against `targets`, one chunk of rows at a time."
     @staticmethod
@@ -158,7 +168,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             dz[torch.arange(len(t), device=t.device), t] -= 1
             dz.mul_((valid / norm)[:, None])
             if grad_h is not None: grad_h[start:start + chunk_size] = dz.to(weight.dtype) @ weight
-            if grad_w is not None: grad_w += dz.T @ h.float()
+            if grad_w is not None: grad_w.addmm_(dz.T, h.float())
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total / n_valid if reduction == "mean" else total
 
@@ -169,7 +179,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
                 None, None, None, None, None)
 
-# %% ../nbs/10_efficiency.ipynb #a7c1b8ee
+# %% ../nbs/10_efficiency.ipynb #91528f10
 def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden states
                           weight:torch.Tensor, # (vocab, hidden) output head weight
                           targets:torch.Tensor, # (...) token ids, `ignore_index` where there is no target
@@ -187,7 +197,7 @@ def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden stat
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                     chunk_size, ignore_index, reduction, grads)
 
-# %% ../nbs/10_efficiency.ipynb #00987194
+# %% ../nbs/10_efficiency.ipynb #16510f93
 def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibly with LoRA adapters
                    input_ids:torch.Tensor, # (batch, seq)
                    labels:torch.Tensor, # (batch, seq) same as input_ids, -100 where no loss is wanted
