@@ -9,7 +9,7 @@ __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'LORA_METHODS', 'bench_llama'
            'time_interleaved', 'peak_step_bytes', 'saved_activation_bytes', 'inference_latency', 'run_bench',
            'format_bench', 'add_bench_arguments', 'bench_main', 'main']
 
-# %% ../nbs/10b_bench.ipynb #b948fd63
+# %% ../nbs/10b_bench.ipynb #40cd2fbf
 import argparse, json, platform, statistics, sys, time
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from .layers import LoRALinear
 from .efficient import SavedTensorLog, causal_lm_loss, count_flops
 from .inject import add_lora, merge_lora
 
-# %% ../nbs/10b_bench.ipynb #63d49a69
+# %% ../nbs/10b_bench.ipynb #d92670ba
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=8)
 TINY_MODEL = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -33,7 +33,7 @@ def bench_llama(seed:int=0, # the same seed gives the same weights
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**(BENCH_MODEL | config))).to(device)
 
-# %% ../nbs/10b_bench.ipynb #86ba6763
+# %% ../nbs/10b_bench.ipynb #ac55d222
 def hf_loss(model, ids): return model(input_ids=ids, labels=ids).loss
 def chunked_loss(model, ids): return causal_lm_loss(model, ids, ids)
 
@@ -48,7 +48,7 @@ METHODS = {  # name: (make the model trainable, loss)
     "peft": (_peft, hf_loss), "lora_kit": (_lora_kit, hf_loss), "efficient": (_efficient, chunked_loss)}
 LORA_METHODS = ("peft", "lora_kit", "efficient")
 
-# %% ../nbs/10b_bench.ipynb #9f8ecf50
+# %% ../nbs/10b_bench.ipynb #a8d25ec6
 class Trainee:
     "A model made trainable by `method`, with AdamW; `step()` is forward, backward, optimizer step, zero_grad."
     def __init__(self, method:str, ids:torch.Tensor, r:int=8, alpha:float=16, dropout:float=0.0, model_config:dict|None=None):
@@ -70,24 +70,24 @@ class Trainee:
                    *(t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
         return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}.values())
 
-# %% ../nbs/10b_bench.ipynb #656e44c8
+# %% ../nbs/10b_bench.ipynb #4b07a299
 def _sync(device):
     if torch.device(device).type == "cuda": torch.cuda.synchronize()
 
 def time_interleaved(fns:dict, # name: function to time
                      repeats:int=5, # rounds, each calling every function once
-                     device="cpu") -> dict[str, list[float]]:
-    "Seconds per call of each function, called in turn for `repeats` rounds (order rotated) after a warm-up call each."
+                     device="cpu") -> dict[str, dict[str, list[float]]]:
+    "Wall and CPU seconds per call of each function, called in turn for `repeats` rounds (order rotated), after a warm-up call each."
     for fn in fns.values(): fn()
-    names, times = list(fns), {name: [] for name in fns}
+    names, times = list(fns), {name: dict(wall=[], cpu=[]) for name in fns}
     for round_ in range(repeats):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            _sync(device); start = time.perf_counter()
+            _sync(device); wall, cpu = time.perf_counter(), time.process_time()
             fns[name](); _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name]["wall"].append(time.perf_counter() - wall); times[name]["cpu"].append(time.process_time() - cpu)
     return times
 
-# %% ../nbs/10b_bench.ipynb #de7e694b
+# %% ../nbs/10b_bench.ipynb #5c93165f
 def _profiled_peak_bytes(fn) -> int:
     "Highest net bytes allocated (allocations minus frees) by torch's CPU allocator during `fn()`."
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
@@ -108,7 +108,7 @@ def peak_step_bytes(trainee:Trainee) -> int:
     else: climb = _profiled_peak_bytes(trainee.step)
     return trainee.state_bytes() + climb
 
-# %% ../nbs/10b_bench.ipynb #8ba0a516
+# %% ../nbs/10b_bench.ipynb #11d87381
 def saved_activation_bytes(trainee:Trainee) -> int:
     "Bytes autograd saves for backward in one forward pass of the trainee's loss (each storage once, no parameters)."
     with SavedTensorLog(trainee.model) as log: trainee.loss_fn(trainee.model, trainee.ids)
@@ -127,11 +127,14 @@ def inference_latency(ids:torch.Tensor, r:int=8, repeats:int=15, model_config:di
     def forward(model):
         with torch.inference_mode(): model.eval()(input_ids=ids)
     times = time_interleaved({name: (lambda m=m: forward(m)) for name, m in models.items()}, repeats, ids.device)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    return {f"{name}_s": s for name, s in median.items()} | {
-        "merged/base": median["merged"] / median["base"], "unmerged/base": median["unmerged"] / median["base"]}
+    out = {}
+    for clock in ("wall", "cpu"):
+        median = {name: statistics.median(t[clock]) for name, t in times.items()}
+        out |= {f"{name}_{clock}_s": s for name, s in median.items()} | {
+            f"merged/base {clock}": median["merged"] / median["base"], f"unmerged/base {clock}": median["unmerged"] / median["base"]}
+    return out
 
-# %% ../nbs/10b_bench.ipynb #3d356b4f
+# %% ../nbs/10b_bench.ipynb #060984b2
 def _ratio(a, b): return a / b if b else float("nan")
 
 def _ratios(methods:dict, dropouts) -> dict:
@@ -142,7 +145,7 @@ def _ratios(methods:dict, dropouts) -> dict:
                          ("efficient", "full+chunked"), ("peft", "full+chunked")]:
             a, b = methods.get(f"{num} p={p}"), methods.get(den) or methods.get(f"{den} p={p}")
             if a is None or b is None: continue
-            for key in ("step_s", "peak_bytes", "flops"):
+            for key in ("step_s", "step_cpu_s", "peak_bytes", "flops"):
                 out[f"{num}/{den} p={p} {key}"] = _ratio(a[key], b[key])
     return out
 
@@ -164,7 +167,8 @@ def run_bench(methods=tuple(METHODS), # names in `METHODS`
         for p in ([None] if m not in LORA_METHODS else dropouts):
             trainees[m if p is None else f"{m} p={p}"] = Trainee(m, ids, r, alpha, p or 0.0, config)
     times = time_interleaved({name: t.step for name, t in trainees.items()}, repeats, device)
-    results = {name: dict(step_s=statistics.median(times[name]), step_s_all=times[name],
+    results = {name: dict(step_s=statistics.median(times[name]["wall"]), step_cpu_s=statistics.median(times[name]["cpu"]),
+                          step_s_all=times[name]["wall"], step_cpu_s_all=times[name]["cpu"],
                           peak_bytes=peak_step_bytes(t), saved_bytes=saved_activation_bytes(t),
                           flops=count_flops(t.step), trainable_params=count_params(t.model, trainable_only=True))
                for name, t in trainees.items()}
@@ -176,34 +180,35 @@ def run_bench(methods=tuple(METHODS), # names in `METHODS`
         methods=results, ratios=_ratios(results, dropouts),
         inference=inference_latency(ids[:1], r, 3 * repeats, config) if inference else None)
 
-# %% ../nbs/10b_bench.ipynb #1b1c7312
+# %% ../nbs/10b_bench.ipynb #2a12c2a0
 def _cpu_name() -> str:
     try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration): return platform.processor() or "unknown"
 
-# %% ../nbs/10b_bench.ipynb #8ecf947e
+# %% ../nbs/10b_bench.ipynb #6369eb50
 def format_bench(result:dict) -> str:
     "Markdown tables of a `run_bench` result: per method, the target ratios, and inference latency."
     s = result["setup"]
     lines = [f"{s['params'] / 1e6:.1f}M-parameter LLaMA (vocab {s['model']['vocab_size']}, hidden {s['model']['hidden_size']}, "
              f"{s['model']['num_hidden_layers']} layers), batch {s['batch_size']} x seq {s['seq_len']}, LoRA r={s['r']} "
              f"all-linear; {s['device']}, {s['threads']} threads, torch {s['torch']}; median of {s['repeats']} interleaved steps",
-             "", "| method | step s (median) | min-max s | peak MiB | saved for backward MiB | GFLOP/step | trainable |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| method | step wall s (median) | wall min-max | step CPU s (median) | peak MiB | saved for backward MiB | GFLOP/step | trainable |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, m in result["methods"].items():
-        lines.append(f"| {name} | {m['step_s']:.3f} | {min(m['step_s_all']):.3f}-{max(m['step_s_all']):.3f} | "
+        lines.append(f"| {name} | {m['step_s']:.3f} | {min(m['step_s_all']):.2f}-{max(m['step_s_all']):.2f} | {m['step_cpu_s']:.3f} | "
                      f"{m['peak_bytes'] / 2**20:.0f} | {m['saved_bytes'] / 2**20:.0f} | {m['flops'] / 1e9:.1f} | {m['trainable_params']:,} |")
-    lines += ["", "| ratio | step time | peak memory | FLOPs |", "|---|---|---|---|"]
+    lines += ["", "| ratio | step wall time | step CPU time | peak memory | FLOPs |", "|---|---|---|---|---|"]
     for pair in dict.fromkeys(k.rsplit(" ", 1)[0] for k in result["ratios"]):  # in order, once each
         r = result["ratios"]
-        lines.append(f"| {pair} | {r[pair + ' step_s']:.3f} | {r[pair + ' peak_bytes']:.3f} | {r[pair + ' flops']:.3f} |")
+        lines.append(f"| {pair} | {r[pair + ' step_s']:.3f} | {r[pair + ' step_cpu_s']:.3f} | {r[pair + ' peak_bytes']:.3f} | {r[pair + ' flops']:.3f} |")
     if inf := result.get("inference"):
-        lines += ["", f"Inference (batch 1 x seq {s['seq_len']}, median of {3 * s['repeats']}): base {inf['base_s'] * 1e3:.1f} ms, "
-                  f"LoRA unmerged {inf['unmerged_s'] * 1e3:.1f} ms ({inf['unmerged/base']:.3f}x), "
-                  f"merged {inf['merged_s'] * 1e3:.1f} ms ({inf['merged/base']:.3f}x)"]
+        for clock in ("wall", "cpu"):
+            lines += ["", f"Inference {clock} time (batch 1 x seq {s['seq_len']}, median of {3 * s['repeats']}): base {inf[f'base_{clock}_s'] * 1e3:.1f} ms, "
+                      f"LoRA unmerged {inf[f'unmerged_{clock}_s'] * 1e3:.1f} ms ({inf[f'unmerged/base {clock}']:.3f}x), "
+                      f"merged {inf[f'merged_{clock}_s'] * 1e3:.1f} ms ({inf[f'merged/base {clock}']:.3f}x)"]
     return "\n".join(lines)
 
-# %% ../nbs/10b_bench.ipynb #a0e703cf
+# %% ../nbs/10b_bench.ipynb #019d3f0a
 def _floats(text:str) -> list[float]:
     try: values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
@@ -248,5 +253,5 @@ def main(argv:list[str]|None=None):
     try: bench_main(args)
     except ValueError as e: parser.error(str(e))
 
-# %% ../nbs/10b_bench.ipynb #0d5270aa
+# %% ../nbs/10b_bench.ipynb #070c9d32
 if __name__ == "__main__": main()

@@ -8,7 +8,7 @@ Docs: https://lora-kit.github.io/lora_kit/efficiency.html.md"""
 __all__ = ['SavedTensor', 'SavedTensorLog', 'dropout_keep_mask', 'dropout_keep_scale', 'LoRAFunction', 'EfficientLoRALinear',
            'count_flops', 'LinearCrossEntropy', 'chunked_cross_entropy', 'causal_lm_loss']
 
-# %% ../nbs/10_efficiency.ipynb #6a4ac848
+# %% ../nbs/10_efficiency.ipynb #f62ef9aa
 import math
 from collections import defaultdict
 from typing import NamedTuple
@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import FlopCounterMode
 from .layers import LoRALinear
 
-# %% ../nbs/10_efficiency.ipynb #23fd1716
+# %% ../nbs/10_efficiency.ipynb #7161cc52
 class SavedTensor(NamedTuple):
     module:str   # qualified name of the innermost module running when the tensor was saved
     shape:tuple
@@ -78,7 +78,7 @@ class SavedTensorLog:
         for r in self.unique(): out[r.module] += r.nbytes
         return dict(out)
 
-# %% ../nbs/10_efficiency.ipynb #832408e3
+# %% ../nbs/10_efficiency.ipynb #43ff828b
 def dropout_keep_mask(shape:tuple, # the shape of the input to drop out
                       p:float, # dropout probability, rounded to a multiple of 2⁻¹⁶
                       device=None) -> torch.Tensor:
@@ -91,7 +91,7 @@ def dropout_keep_scale(p:float) -> float:
     "The factor 1/(1-p) for the rounded `p` that `dropout_keep_mask` actually drops with."
     return 2**16 / (2**16 - round(p * 2**16))
 
-# %% ../nbs/10_efficiency.ipynb #71ed370c
+# %% ../nbs/10_efficiency.ipynb #391623fe
 class LoRAFunction(torch.autograd.Function):
     "`x W^T + b + scale * (keep_scale * (x*keep) A^T) B^T` with a hand-written backward for a frozen W."
     @staticmethod
@@ -121,7 +121,7 @@ class LoRAFunction(torch.autograd.Function):
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
-# %% ../nbs/10_efficiency.ipynb #8d82dce4
+# %% ../nbs/10_efficiency.ipynb #2c66ef38
 class EfficientLoRALinear(LoRALinear):
     """`LoRALinear` with a memory-lean backward: saves x once (shared by layers that read the same tensor),
     the dropout mask as bool, and the r-wide `x A^T`; no second full-size copy of the input."""
@@ -137,7 +137,7 @@ class EfficientLoRALinear(LoRALinear):
         return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A.weight, self.lora_B.weight,
                                   self.scale, keep, dropout_keep_scale(p))
 
-# %% ../nbs/10_efficiency.ipynb #d66b1e71
+# %% ../nbs/10_efficiency.ipynb #cdd9fa9f
 def _addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
 
@@ -146,7 +146,7 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter: fn()
     return counter.get_total_flops()
 
-# %% ../nbs/10_efficiency.ipynb #dfb60001
+# %% ../nbs/10_efficiency.ipynb #11b86a90
 class LinearCrossEntropy(torch.autograd.Function):
     "Mean (or summed) cross-entropy of `hidden @ weight.T` against `targets`, one chunk of rows at a time."
     @staticmethod
@@ -161,12 +161,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).float()
             valid = t != ignore_index
             t = t.where(valid, 0)
-            lse = logits.logsumexp(-1)
-            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(-1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place of the logits: one chunk-sized buffer in all
+            sums = exp.sum(-1)
+            total += ((top.squeeze(1) + sums.log() - target_logit) * valid).sum()
             if grad_h is None and grad_w is None: continue
-            dz = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            dz[torch.arange(len(t), device=t.device), t] -= 1
-            dz.mul_((valid / norm)[:, None])
+            weight_row = valid / norm  # each counted target's share of the loss
+            dz = exp.mul_((weight_row / sums)[:, None])  # softmax, weighted
+            dz[torch.arange(len(t), device=t.device), t] -= weight_row
             if grad_h is not None: grad_h[start:start + chunk_size] = dz.to(weight.dtype) @ weight
             if grad_w is not None: grad_w.addmm_(dz.T, h.float())
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
@@ -179,7 +182,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
                 None, None, None, None, None)
 
-# %% ../nbs/10_efficiency.ipynb #91528f10
+# %% ../nbs/10_efficiency.ipynb #cf274c27
 def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden states
                           weight:torch.Tensor, # (vocab, hidden) output head weight
                           targets:torch.Tensor, # (...) token ids, `ignore_index` where there is no target
@@ -197,7 +200,7 @@ def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden stat
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                     chunk_size, ignore_index, reduction, grads)
 
-# %% ../nbs/10_efficiency.ipynb #16510f93
+# %% ../nbs/10_efficiency.ipynb #7bbc740d
 def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibly with LoRA adapters
                    input_ids:torch.Tensor, # (batch, seq)
                    labels:torch.Tensor, # (batch, seq) same as input_ids, -100 where no loss is wanted
@@ -205,6 +208,7 @@ def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibl
                    chunk_size:int=256, # rows of logits computed at a time
                   ) -> torch.Tensor:
     "The next-token loss `model(input_ids, labels=labels).loss` computes, without the full logits."
+    if hasattr(model, "get_base_model"): model = model.get_base_model()  # a peft `PeftModel`: the model it wraps
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear or head.bias is not None:
         raise ValueError(f"causal_lm_loss needs a plain bias-free nn.Linear output head, not {type(head).__name__}: "

@@ -196,6 +196,11 @@ def test_causal_lm_loss_matches_the_model_loss_and_gradients():
     assert_same(ours, ref)
 
 
+def test_causal_lm_loss_of_a_peft_model():
+    theirs = peft_model_like(kit_model(EfficientLoRALinear))
+    assert_same(adapter_grads(theirs, lambda m: causal_lm_loss(m, IDS, IDS)), adapter_grads(theirs, hf_loss))
+
+
 def test_causal_lm_loss_refuses_an_adapted_head():
     model = add_lora(tiny_llama(), ["lm_head", "q_proj"])
     with pytest.raises(ValueError, match="plain bias-free nn.Linear"): causal_lm_loss(model, IDS, IDS)
