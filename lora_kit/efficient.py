@@ -8,7 +8,7 @@ Docs: https://lora-kit.github.io/lora_kit/efficiency.html.md"""
 __all__ = ['SavedTensor', 'SavedTensorLog', 'dropout_keep_mask', 'dropout_keep_scale', 'LoRAFunction', 'EfficientLoRALinear',
            'count_flops', 'LinearCrossEntropy', 'chunked_cross_entropy', 'causal_lm_loss']
 
-# %% ../nbs/10_efficiency.ipynb #0cb479a5
+# %% ../nbs/10_efficiency.ipynb #30f84887
 import math
 from collections import defaultdict
 from typing import NamedTuple
@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import FlopCounterMode
 from .layers import LoRALinear
 
-# %% ../nbs/10_efficiency.ipynb #a7920f6b
+# %% ../nbs/10_efficiency.ipynb #d17d4a27
 class SavedTensor(NamedTuple):
     module:str   # qualified name of the innermost module running when the tensor was saved
     shape:tuple
@@ -78,7 +78,7 @@ class SavedTensorLog:
         for r in self.unique(): out[r.module] += r.nbytes
         return dict(out)
 
-# %% ../nbs/10_efficiency.ipynb #cb82b2e6
+# %% ../nbs/10_efficiency.ipynb #bd7b237b
 def dropout_keep_mask(shape:tuple, # the shape of the input to drop out
                       p:float, # dropout probability, rounded to a multiple of 2⁻¹⁶
                       device=None) -> torch.Tensor:
@@ -91,7 +91,7 @@ def dropout_keep_scale(p:float) -> float:
     "The factor 1/(1-p) for the rounded `p` that `dropout_keep_mask` actually drops with."
     return 2**16 / (2**16 - round(p * 2**16))
 
-# %% ../nbs/10_efficiency.ipynb #15b85822
+# %% ../nbs/10_efficiency.ipynb #3e958dd8
 class LoRAFunction(torch.autograd.Function):
     "`x W^T + b + scale * (keep_scale * (x*keep) A^T) B^T` with a hand-written backward for a frozen W."
     @staticmethod
@@ -110,18 +110,19 @@ class LoRAFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, u, keep = ctx.saved_tensors
         g, rows = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         if keep is not None: keep = keep.view(rows.shape)
-        grad_B = (g.T @ u).mul_(ctx.scale)
+        needs_x, needs_A, needs_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+        grad_A = grad_B = grad_x = None
+        if needs_B: grad_B = (g.T @ u).mul_(ctx.scale)
         v = (g @ lora_B).mul_(ctx.scale * ctx.keep_scale)
-        grad_A = v.T @ (rows if keep is None else rows.where(keep, 0))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
+        if needs_A: grad_A = v.T @ (rows if keep is None else rows.where(keep, 0))
+        if needs_x:
             grad_x = g @ weight
             if keep is None: grad_x.addmm_(v, lora_A)
             else: grad_x.add_((v @ lora_A).where(keep, 0))
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
-# %% ../nbs/10_efficiency.ipynb #e04f2593
+# %% ../nbs/10_efficiency.ipynb #1a282ca4
 class EfficientLoRALinear(LoRALinear):
     """`LoRALinear` with a memory-lean backward: saves x once (shared by layers that read the same tensor),
     the dropout mask as bool, and the r-wide `x A^T`; no second full-size copy of the input."""
@@ -137,7 +138,7 @@ class EfficientLoRALinear(LoRALinear):
         return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A.weight, self.lora_B.weight,
                                   self.scale, keep, dropout_keep_scale(p))
 
-# %% ../nbs/10_efficiency.ipynb #83e1877e
+# %% ../nbs/10_efficiency.ipynb #6c6672d7
 def _addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
 
@@ -146,7 +147,7 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter: fn()
     return counter.get_total_flops()
 
-# %% ../nbs/10_efficiency.ipynb #73a712d1
+# %% ../nbs/10_efficiency.ipynb #87972cba
 class LinearCrossEntropy(torch.autograd.Function):
     "Mean (or summed) cross-entropy of `hidden @ weight.T` against `targets`, one chunk of rows at a time."
     @staticmethod
@@ -182,7 +183,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
                 None, None, None, None, None)
 
-# %% ../nbs/10_efficiency.ipynb #02194326
+# %% ../nbs/10_efficiency.ipynb #20513ac9
 def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden states
                           weight:torch.Tensor, # (vocab, hidden) output head weight
                           targets:torch.Tensor, # (...) token ids, `ignore_index` where there is no target
@@ -200,7 +201,7 @@ def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden stat
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                     chunk_size, ignore_index, reduction, grads)
 
-# %% ../nbs/10_efficiency.ipynb #56d98616
+# %% ../nbs/10_efficiency.ipynb #3617a634
 def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibly with LoRA adapters
                    input_ids:torch.Tensor, # (batch, seq)
                    labels:torch.Tensor, # (batch, seq) same as input_ids, -100 where no loss is wanted

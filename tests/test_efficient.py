@@ -135,6 +135,19 @@ def test_fallback_when_base_trains_and_in_bf16():
     assert bf(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_frozen_adapters_pass_the_input_gradient_only():
+    torch.manual_seed(0)
+    fast, plain = EfficientLoRALinear(nn.Linear(32, 16), 4, 8), LoRALinear(nn.Linear(32, 16), 4, 8)
+    with torch.no_grad(): fast.lora_B.weight.normal_()
+    plain.load_state_dict(fast.state_dict())
+    fast.requires_grad_(False); plain.requires_grad_(False)
+    x = torch.randn(5, 32, requires_grad=True)
+    (grad_fast,) = torch.autograd.grad(fast(x).sin().sum(), x)
+    (grad_plain,) = torch.autograd.grad(plain(x).sin().sum(), x)
+    assert torch.allclose(grad_fast, grad_plain, atol=1e-6)
+    assert fast.lora_A.weight.grad is None and fast.lora_B.weight.grad is None
+
+
 def saved_bytes(model, loss_fn):
     with SavedTensorLog(model.train()) as log: loss_fn(model)
     return log.activation_bytes()
