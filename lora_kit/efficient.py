@@ -8,7 +8,7 @@ Docs: https://lora-kit.github.io/lora_kit/efficiency.html.md"""
 __all__ = ['SavedTensor', 'SavedTensorLog', 'dropout_keep_mask', 'dropout_keep_scale', 'LoRAFunction', 'EfficientLoRALinear',
            'count_flops', 'LinearCrossEntropy', 'chunked_cross_entropy', 'causal_lm_loss']
 
-# %% ../nbs/10_efficiency.ipynb #30f84887
+# %% ../nbs/10_efficiency.ipynb #4c35b3ff
 import math
 from collections import defaultdict
 from typing import NamedTuple
@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import FlopCounterMode
 from .layers import LoRALinear
 
-# %% ../nbs/10_efficiency.ipynb #d17d4a27
+# %% ../nbs/10_efficiency.ipynb #800eb59b
 class SavedTensor(NamedTuple):
     module:str   # qualified name of the innermost module running when the tensor was saved
     shape:tuple
@@ -78,7 +78,7 @@ class SavedTensorLog:
         for r in self.unique(): out[r.module] += r.nbytes
         return dict(out)
 
-# %% ../nbs/10_efficiency.ipynb #bd7b237b
+# %% ../nbs/10_efficiency.ipynb #8b5654a7
 def dropout_keep_mask(shape:tuple, # the shape of the input to drop out
                       p:float, # dropout probability, rounded to a multiple of 2⁻¹⁶
                       device=None) -> torch.Tensor:
@@ -91,7 +91,7 @@ def dropout_keep_scale(p:float) -> float:
     "The factor 1/(1-p) for the rounded `p` that `dropout_keep_mask` actually drops with."
     return 2**16 / (2**16 - round(p * 2**16))
 
-# %% ../nbs/10_efficiency.ipynb #3e958dd8
+# %% ../nbs/10_efficiency.ipynb #867d415c
 class LoRAFunction(torch.autograd.Function):
     "`x W^T + b + scale * (keep_scale * (x*keep) A^T) B^T` with a hand-written backward for a frozen W."
     @staticmethod
@@ -122,7 +122,7 @@ class LoRAFunction(torch.autograd.Function):
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
-# %% ../nbs/10_efficiency.ipynb #1a282ca4
+# %% ../nbs/10_efficiency.ipynb #9a8b6c80
 class EfficientLoRALinear(LoRALinear):
     """`LoRALinear` with a memory-lean backward: saves x once (shared by layers that read the same tensor),
     the dropout mask as bool, and the r-wide `x A^T`; no second full-size copy of the input."""
@@ -138,7 +138,7 @@ class EfficientLoRALinear(LoRALinear):
         return LoRAFunction.apply(x, self.base.weight, self.base.bias, self.lora_A.weight, self.lora_B.weight,
                                   self.scale, keep, dropout_keep_scale(p))
 
-# %% ../nbs/10_efficiency.ipynb #6c6672d7
+# %% ../nbs/10_efficiency.ipynb #362de652
 def _addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
 
@@ -147,7 +147,7 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter: fn()
     return counter.get_total_flops()
 
-# %% ../nbs/10_efficiency.ipynb #87972cba
+# %% ../nbs/10_efficiency.ipynb #38c72f8b
 class LinearCrossEntropy(torch.autograd.Function):
     "Mean (or summed) cross-entropy of `hidden @ weight.T` against `targets`, one chunk of rows at a time."
     @staticmethod
@@ -183,7 +183,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
                 None, None, None, None, None)
 
-# %% ../nbs/10_efficiency.ipynb #20513ac9
+# %% ../nbs/10_efficiency.ipynb #2da41e90
 def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden states
                           weight:torch.Tensor, # (vocab, hidden) output head weight
                           targets:torch.Tensor, # (...) token ids, `ignore_index` where there is no target
@@ -201,12 +201,13 @@ def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden stat
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                     chunk_size, ignore_index, reduction, grads)
 
-# %% ../nbs/10_efficiency.ipynb #3617a634
+# %% ../nbs/10_efficiency.ipynb #b2c10db4
 def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibly with LoRA adapters
                    input_ids:torch.Tensor, # (batch, seq)
                    labels:torch.Tensor, # (batch, seq) same as input_ids, -100 where no loss is wanted
                    attention_mask:torch.Tensor|None=None,
                    chunk_size:int=256, # rows of logits computed at a time
+                   reduction:str="mean", # "sum" for gradient accumulation: divide by the tokens of all micro-batches
                   ) -> torch.Tensor:
     "The next-token loss `model(input_ids, labels=labels).loss` computes, without the full logits."
     if hasattr(model, "get_base_model"): model = model.get_base_model()  # a peft `PeftModel`: the model it wraps
@@ -216,4 +217,4 @@ def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibl
                          f"use model(input_ids, labels=labels).loss for this model.")
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return chunked_cross_entropy(hidden, head.weight, targets, chunk_size)
+    return chunked_cross_entropy(hidden, head.weight, targets, chunk_size, reduction=reduction)
