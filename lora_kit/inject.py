@@ -9,7 +9,7 @@ __all__ = ['ALL_LINEAR', 'CONFIG_NAME', 'WEIGHTS_NAME', 'PEFT_PREFIX', 'UNSUPPOR
            'trainable_parameters', 'merge_lora', 'unmerge_lora', 'remove_lora', 'lora_disabled', 'adapter_state_dict',
            'save_adapter', 'read_adapter_config', 'read_adapter_weights', 'load_adapter_weights', 'load_adapter']
 
-# %% ../nbs/02_inject.ipynb #a54fe202
+# %% ../nbs/02_inject.ipynb #a16ca2fa
 import json, re
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from .core import atomic_write, count_params
 from .layers import LoRALinear
+from .efficient import EfficientLoRALinear
 
-# %% ../nbs/02_inject.ipynb #113c877a
+# %% ../nbs/02_inject.ipynb #3c280590
 ALL_LINEAR = "all-linear"
 
 def _linear_names(model:nn.Module) -> list[str]:
@@ -34,7 +35,7 @@ def _matches(name:str, target_modules) -> bool:
     if isinstance(target_modules, str): return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
-# %% ../nbs/02_inject.ipynb #778668da
+# %% ../nbs/02_inject.ipynb #091bc2fa
 def find_targets(model:nn.Module,
                  target_modules=("q_proj", "v_proj"), # name suffixes, a full-match regex, or "all-linear"
                 ) -> list[str]:
@@ -57,7 +58,7 @@ def find_targets(model:nn.Module,
                          f"{', '.join(wrong[:3])}; name the linear layers inside instead.")
     return names
 
-# %% ../nbs/02_inject.ipynb #3d31568f
+# %% ../nbs/02_inject.ipynb #0c87bcd6
 def _lora_layers(model:nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -65,14 +66,14 @@ def _replace(model:nn.Module, name:str, new:nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
-# %% ../nbs/02_inject.ipynb #d3a693b9
+# %% ../nbs/02_inject.ipynb #181399a7
 def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
              target_modules=("q_proj", "v_proj"), # name suffixes, a full-match regex, or "all-linear"
              r:int=8, # rank
              alpha:float=16, # scale numerator (alpha/r, or alpha/√r with rsLoRA)
              dropout:float=0.0, # dropout on the adapters' input
              use_rslora:bool=False, # rank-stabilized scaling alpha/√r
-             layer_cls=LoRALinear, # the adapter layer class
+             layer_cls=EfficientLoRALinear, # the adapter layer class: a `LoRALinear` or a subclass
             ) -> nn.Module:
     "Freeze `model` and wrap each target `nn.Linear` in a trainable LoRA adapter; returns `model`."
     if _lora_layers(model):
@@ -88,13 +89,13 @@ def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
                              target_modules=saved_targets)
     return model
 
-# %% ../nbs/02_inject.ipynb #6cfc3af8
+# %% ../nbs/02_inject.ipynb #eb3b8527
 def trainable_parameters(model:nn.Module) -> str:
     "peft-style one-line report: trainable and total parameters and the trainable share."
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
-# %% ../nbs/02_inject.ipynb #08c3e67a
+# %% ../nbs/02_inject.ipynb #7ea04136
 def merge_lora(model:nn.Module) -> nn.Module:
     "Fold every adapter into its base weight (in place, idempotent)."
     for layer in _lora_layers(model).values(): layer.merge()
@@ -114,7 +115,7 @@ def remove_lora(model:nn.Module, merge:bool=True) -> nn.Module:
     model.__dict__.pop("lora_config", None)
     return model
 
-# %% ../nbs/02_inject.ipynb #1316f8c2
+# %% ../nbs/02_inject.ipynb #28e50a15
 @contextmanager
 def lora_disabled(model:nn.Module):
     "Within the block `model` computes as its base model; adapters (merged or not) come back afterwards."
@@ -126,7 +127,7 @@ def lora_disabled(model:nn.Module):
             layer.scale = scale
             if merged: layer.merge()
 
-# %% ../nbs/02_inject.ipynb #f94dfc8d
+# %% ../nbs/02_inject.ipynb #a473a6fd
 CONFIG_NAME, WEIGHTS_NAME, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
 def adapter_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
@@ -134,7 +135,7 @@ def adapter_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
     return {f"{PEFT_PREFIX}{name}.{ab}.weight": getattr(layer, ab).weight.detach().contiguous()
             for name, layer in _lora_layers(model).items() for ab in ("lora_A", "lora_B")}
 
-# %% ../nbs/02_inject.ipynb #88f87db8
+# %% ../nbs/02_inject.ipynb #9e44ead6
 def save_adapter(model:nn.Module, # a model with LoRA adapters (from `add_lora` or `load_adapter`)
                  path:str|Path, # folder to write; other files in it are left alone
                  base_model_name_or_path:str|None=None, # default: the model's own `name_or_path`, if any
@@ -150,7 +151,7 @@ def save_adapter(model:nn.Module, # a model with LoRA adapters (from `add_lora` 
     atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
-# %% ../nbs/02_inject.ipynb #47002e10
+# %% ../nbs/02_inject.ipynb #2b266648
 UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform", "layer_replication",
                "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters", "trainable_token_indices")
 
@@ -170,7 +171,7 @@ def read_adapter_config(path:str|Path) -> dict:
     if config.get("bias", "none") != "none": raise ValueError(f"{file} trains biases (bias={config['bias']!r}); lora_kit supports bias='none'.")
     return config
 
-# %% ../nbs/02_inject.ipynb #3a99187a
+# %% ../nbs/02_inject.ipynb #62e72562
 def read_adapter_weights(path:str|Path) -> dict[str, torch.Tensor]:
     "The tensors of `adapter_model.safetensors` in folder `path` (never a pickle)."
     file = Path(path) / WEIGHTS_NAME
@@ -181,7 +182,7 @@ def read_adapter_weights(path:str|Path) -> dict[str, torch.Tensor]:
     try: return load_file(str(file))
     except (SafetensorError, OSError) as e: raise ValueError(f"{file} is not a readable safetensors file ({e}); re-save the adapter.") from None
 
-# %% ../nbs/02_inject.ipynb #0e72d301
+# %% ../nbs/02_inject.ipynb #1af88c3f
 def _check_keys(expected:dict[str, torch.Tensor], found:dict[str, torch.Tensor], path):
     "Raise `ValueError` naming the first keys/shapes that differ between model and file."
     if extra := sorted(found.keys() - expected.keys()):
@@ -194,7 +195,7 @@ def _check_keys(expected:dict[str, torch.Tensor], found:dict[str, torch.Tensor],
             raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)} but this model needs "
                              f"{tuple(expected[key].shape)}: the adapter belongs to a different base model.")
 
-# %% ../nbs/02_inject.ipynb #5f5e0c54
+# %% ../nbs/02_inject.ipynb #40d80aa5
 def _copy_weights(model:nn.Module, weights:dict[str, torch.Tensor], path) -> nn.Module:
     _check_keys(adapter_state_dict(model), weights, path)
     layers = _lora_layers(model)
@@ -210,7 +211,7 @@ def load_adapter_weights(model:nn.Module, # a model that already has the adapter
     "Copy `path`'s adapter weights into `model`'s LoRA layers after checking every key and shape."
     return _copy_weights(model, read_adapter_weights(path), path)
 
-# %% ../nbs/02_inject.ipynb #028f1e39
+# %% ../nbs/02_inject.ipynb #77cab706
 def load_adapter(model:nn.Module, # the base model the adapter was trained on (without adapters); changed in place
                  path:str|Path, # an adapter folder in peft's format (saved by lora_kit or peft)
                 ) -> nn.Module:

@@ -1,0 +1,219 @@
+"EfficientLoRALinear and the chunked loss against plain autograd (LoRALinear), peft and torch's cross-entropy."
+import math
+import pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from peft import LoraConfig, get_peft_model
+
+from lora_kit.core import tiny_llama
+from lora_kit.efficient import (EfficientLoRALinear, SavedTensorLog, causal_lm_loss, chunked_cross_entropy,
+                                dropout_keep_mask, dropout_keep_scale)
+from lora_kit.inject import add_lora, merge_lora, remove_lora
+from lora_kit.layers import LoRALinear
+
+IDS = torch.randint(0, 260, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def randomize_B(model, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name: p.normal_(std=0.05)
+
+
+def adapter_grads(model, loss_fn, seed=1):
+    "Loss and {name without peft's prefixes: grad} after one backward; the RNG is seeded so masks can match."
+    model.train().zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = loss_fn(model)
+    loss.backward()
+    return loss.item(), {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                         for n, p in model.named_parameters() if p.requires_grad}
+
+
+def hf_loss(model): return model(input_ids=IDS, labels=IDS).loss
+
+
+def kit_model(layer_cls, dropout=0.0, targets="all-linear", **cfg):
+    model = add_lora(tiny_llama(**cfg), targets, r=8, alpha=16, dropout=dropout, layer_cls=layer_cls)
+    randomize_B(model)
+    return model
+
+
+class SameMaskDropout(nn.Module):
+    "Dropout drawing its mask exactly as EfficientLoRALinear does, so peft sees the same masks from the same seed."
+    def __init__(self, p): super().__init__(); self.p = p
+    def forward(self, x): return x * dropout_keep_mask(x.shape, self.p, x.device) * dropout_keep_scale(self.p)
+
+
+def peft_model_like(ours, dropout=0.0):
+    "peft's all-linear LoRA with our adapter weights (and our mask draw for dropout)."
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout))
+    weights = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad: p.copy_(weights[name.removeprefix("base_model.model.").replace(".default", "")])
+    if dropout:
+        for m in theirs.modules():
+            if hasattr(m, "lora_dropout"): m.lora_dropout["default"] = SameMaskDropout(dropout)
+    return theirs
+
+
+def assert_same(a, b, eps=1e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert math.isclose(loss_a, loss_b, rel_tol=1e-6), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * 2
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=eps, rtol=1e-4), name
+
+
+def test_add_lora_uses_the_efficient_layer_by_default():
+    model = add_lora(tiny_llama(), "all-linear")
+    assert all(type(m) is EfficientLoRALinear for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_gradients_equal_plain_autograd_without_dropout():
+    plain, fast = kit_model(LoRALinear), kit_model(EfficientLoRALinear)
+    assert_same(adapter_grads(plain, hf_loss), adapter_grads(fast, hf_loss))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05, 0.5])
+def test_gradients_equal_peft(dropout):
+    fast = kit_model(EfficientLoRALinear, dropout)
+    theirs = peft_model_like(fast, dropout)
+    ours, ref = adapter_grads(fast, hf_loss), adapter_grads(theirs, hf_loss)
+    assert_same(ours, ref)
+    assert ref[1]["model.layers.1.mlp.down_proj.lora_A.weight"].abs().sum() > 0  # gradients do flow
+
+
+def test_dropout_changes_the_gradients():  # so the peft comparison above does compare masks
+    fast = kit_model(EfficientLoRALinear, 0.5)
+    _, with_mask = adapter_grads(fast, hf_loss)
+    _, without = adapter_grads(fast.eval(), lambda m: hf_loss(m.eval()))
+    assert not torch.allclose(with_mask["model.layers.1.self_attn.q_proj.lora_A.weight"],
+                              without["model.layers.1.self_attn.q_proj.lora_A.weight"])
+
+
+def test_dropout_mask_statistics():
+    torch.manual_seed(0)
+    mask = dropout_keep_mask((1000, 2000), 0.1)
+    assert mask.dtype == torch.bool and mask.shape == (1000, 2000)
+    assert abs((~mask).float().mean().item() - 0.1) < 2e-3
+    assert abs(mask[:, :1000].float().mean() - mask[:, 1000:].float().mean()) < 3e-3  # both 16-bit halves are used
+    x = torch.randn(1000, 2000)
+    assert abs((x * mask * dropout_keep_scale(0.1)).mean() - x.mean()) < 3e-3  # unbiased in expectation
+
+
+def test_merged_forward_equals_unmerged_and_base_after_remove():
+    fast = kit_model(EfficientLoRALinear, 0.1).eval()
+    with torch.no_grad():
+        unmerged = fast(input_ids=IDS).logits
+        merge_lora(fast)
+        assert torch.allclose(fast(input_ids=IDS).logits, unmerged, atol=1e-5)
+        plain = remove_lora(fast)
+        assert torch.allclose(plain(input_ids=IDS).logits, unmerged, atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    fast = kit_model(EfficientLoRALinear, 0.2)
+    ref = adapter_grads(fast, hf_loss)
+    fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast.enable_input_require_grads()
+    assert_same(adapter_grads(fast, hf_loss), ref)
+
+
+def test_fallback_when_base_trains_and_in_bf16():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16)
+    fast, plain = EfficientLoRALinear(base, 4, 8), LoRALinear(nn.Linear(32, 16), 4, 8)
+    plain.load_state_dict(fast.state_dict())
+    fast.base.weight.requires_grad_(True); plain.base.weight.requires_grad_(True)
+    x = torch.randn(5, 32)
+    fast(x).square().sum().backward(); plain(x).square().sum().backward()
+    assert torch.allclose(fast.base.weight.grad, plain.base.weight.grad, atol=1e-5)
+    bf = EfficientLoRALinear(nn.Linear(32, 16).to(torch.bfloat16), 4, 8)
+    assert bf(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_frozen_adapters_pass_the_input_gradient_only():
+    torch.manual_seed(0)
+    fast, plain = EfficientLoRALinear(nn.Linear(32, 16), 4, 8), LoRALinear(nn.Linear(32, 16), 4, 8)
+    with torch.no_grad(): fast.lora_B.weight.normal_()
+    plain.load_state_dict(fast.state_dict())
+    fast.requires_grad_(False); plain.requires_grad_(False)
+    x = torch.randn(5, 32, requires_grad=True)
+    (grad_fast,) = torch.autograd.grad(fast(x).sin().sum(), x)
+    (grad_plain,) = torch.autograd.grad(plain(x).sin().sum(), x)
+    assert torch.allclose(grad_fast, grad_plain, atol=1e-6)
+    assert fast.lora_A.weight.grad is None and fast.lora_B.weight.grad is None
+
+
+def saved_bytes(model, loss_fn):
+    with SavedTensorLog(model.train()) as log: loss_fn(model)
+    return log.activation_bytes()
+
+
+def test_saved_bytes_reduction_against_the_plain_path():
+    # dropout: the plain path keeps a dropped fp32 copy and fp32 noise per adapter; at least 25% must go
+    plain, fast = saved_bytes(kit_model(LoRALinear, 0.05), hf_loss), saved_bytes(kit_model(EfficientLoRALinear, 0.05), hf_loss)
+    assert fast < 0.75 * plain, (fast, plain)
+    # no dropout: the layers save the same; the chunked loss drops the (tokens x vocab) fp32 log-softmax and keeps
+    # the (tokens x hidden) gradient of the hidden states instead
+    cfg = dict(vocab_size=8000)
+    plain = saved_bytes(kit_model(LoRALinear, **cfg), lambda m: m(input_ids=IDS, labels=IDS).loss)
+    fast = saved_bytes(kit_model(EfficientLoRALinear, **cfg), lambda m: causal_lm_loss(m, IDS, IDS))
+    assert plain - fast >= IDS.numel() * (8000 - 64) * 4, (plain, fast)
+
+
+def test_saved_tensor_log_counts_shared_storage_once():
+    lin = nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorLog(lin) as log:
+        y = x * x  # saves x twice (both operands)
+    assert len([r for r in log.records if not r.is_param]) == 2
+    assert log.activation_bytes() == x.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000])
+def test_chunked_cross_entropy_matches_torch(chunk_size):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 50, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
+    targets = torch.randint(0, 30, (2, 50)); targets[0, :9] = -100; targets[1, -1] = -100
+    ours = chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    g_ours = torch.autograd.grad(ours * 3, (hidden, weight))  # a non-unit incoming gradient
+    ref = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten())
+    g_ref = torch.autograd.grad(ref * 3, (hidden, weight))
+    assert torch.allclose(ours, ref, atol=1e-6)
+    for a, b in zip(g_ours, g_ref): assert torch.allclose(a, b, atol=1e-6)
+    summed = chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, reduction="sum")
+    assert torch.allclose(summed, F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction="sum"), rtol=1e-5)
+
+
+def test_chunked_cross_entropy_all_ignored_is_nan_like_torch():
+    hidden, weight, targets = torch.randn(4, 8), torch.randn(5, 8), torch.full((4,), -100)
+    assert torch.isnan(chunked_cross_entropy(hidden, weight, targets))
+    assert torch.isnan(F.cross_entropy(hidden @ weight.T, targets))
+
+
+def test_chunked_cross_entropy_bad_input():
+    h, w = torch.randn(4, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="one target per row"): chunked_cross_entropy(h, w, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"): chunked_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), reduction="max")
+
+
+def test_causal_lm_loss_matches_the_model_loss_and_gradients():
+    labels = IDS.clone(); labels[:, :5] = -100
+    fast = kit_model(EfficientLoRALinear)
+    ours = adapter_grads(fast, lambda m: causal_lm_loss(m, IDS, labels, chunk_size=17))
+    ref = adapter_grads(fast, lambda m: m(input_ids=IDS, labels=labels).loss)
+    assert_same(ours, ref)
+
+
+def test_causal_lm_loss_of_a_peft_model():
+    theirs = peft_model_like(kit_model(EfficientLoRALinear))
+    assert_same(adapter_grads(theirs, lambda m: causal_lm_loss(m, IDS, IDS)), adapter_grads(theirs, hf_loss))
+
+
+def test_causal_lm_loss_refuses_an_adapted_head():
+    model = add_lora(tiny_llama(), ["lm_head", "q_proj"])
+    with pytest.raises(ValueError, match="plain bias-free nn.Linear"): causal_lm_loss(model, IDS, IDS)
