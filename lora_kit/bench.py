@@ -9,18 +9,17 @@ __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'DEFAULT_METHODS', 'LORA_METH
            'Trainee', 'time_interleaved', 'peak_step_bytes', 'saved_activation_bytes', 'inference_latency', 'run_bench',
            'format_bench', 'add_bench_arguments', 'bench_main', 'main']
 
-# %% ../nbs/10b_bench.ipynb #b01abde0
+# %% ../nbs/10b_bench.ipynb #a2ca10ad
 import argparse, json, platform, statistics, time
 import torch
 from torch.profiler import profile, ProfilerActivity
 from transformers import LlamaForCausalLM
-from peft import LoraConfig, get_peft_model
 from .core import atomic_write, count_params, tiny_llama_config
 from .layers import LoRALinear
 from .efficient import SavedTensorLog, causal_lm_loss, count_flops
 from .inject import add_lora, merge_lora
 
-# %% ../nbs/10b_bench.ipynb #198bfc7e
+# %% ../nbs/10b_bench.ipynb #1bd34256
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=8)
 TINY_MODEL = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -32,12 +31,13 @@ def bench_llama(seed:int=0, # the same seed gives the same weights
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**(BENCH_MODEL | config))).to(device)
 
-# %% ../nbs/10b_bench.ipynb #fef321ff
+# %% ../nbs/10b_bench.ipynb #d6bf447d
 def hf_loss(model, ids): return model(input_ids=ids, labels=ids).loss
 def chunked_loss(model, ids): return causal_lm_loss(model, ids, ids)
 
 def _full(model, r, alpha, dropout): return model.requires_grad_(True)
 def _peft(model, r, alpha, dropout):
+    from peft import LoraConfig, get_peft_model  # imported when benchmarked: peft's import is slow and noisy
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear"))
 def _lora_kit(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout, layer_cls=LoRALinear)
 def _efficient(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout)  # the default layer
@@ -49,7 +49,7 @@ METHODS = {  # name: (make the model trainable, loss)
 DEFAULT_METHODS = ("full", "full+chunked", "peft", "lora_kit", "efficient")
 LORA_METHODS = ("peft", "lora_kit", "efficient", "peft+chunked", "efficient+hf")
 
-# %% ../nbs/10b_bench.ipynb #30e1e121
+# %% ../nbs/10b_bench.ipynb #2477dc5a
 class Trainee:
     "A model made trainable by `method`, with AdamW; `step()` is forward, backward, optimizer step, zero_grad."
     def __init__(self, method:str, ids:torch.Tensor, r:int=8, alpha:float=16, dropout:float=0.0, model_config:dict|None=None):
@@ -71,7 +71,7 @@ class Trainee:
                    *(t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
         return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}.values())
 
-# %% ../nbs/10b_bench.ipynb #1e62ecbd
+# %% ../nbs/10b_bench.ipynb #d7f829d5
 def _sync(device):
     if torch.device(device).type == "cuda": torch.cuda.synchronize()
 
@@ -88,7 +88,7 @@ def time_interleaved(fns:dict, # name: function to time
             times[name]["wall"].append(time.perf_counter() - wall); times[name]["cpu"].append(time.process_time() - cpu)
     return times
 
-# %% ../nbs/10b_bench.ipynb #5a8eb6cc
+# %% ../nbs/10b_bench.ipynb #508d1b11
 def _profiled_peak_bytes(fn) -> int:
     "Highest net bytes allocated (allocations minus frees) by torch's CPU allocator during `fn()`."
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
@@ -109,7 +109,7 @@ def peak_step_bytes(trainee:Trainee) -> int:
     else: climb = _profiled_peak_bytes(trainee.step)
     return trainee.state_bytes() + climb
 
-# %% ../nbs/10b_bench.ipynb #2c8aec34
+# %% ../nbs/10b_bench.ipynb #4d5206aa
 def saved_activation_bytes(trainee:Trainee) -> int:
     "Bytes autograd saves for backward in one forward pass of the trainee's loss (each storage once, no parameters)."
     with SavedTensorLog(trainee.model) as log: trainee.loss_fn(trainee.model, trainee.ids)
@@ -135,7 +135,7 @@ def inference_latency(ids:torch.Tensor, r:int=8, repeats:int=15, model_config:di
             f"merged/base {clock}": median["merged"] / median["base"], f"unmerged/base {clock}": median["unmerged"] / median["base"]}
     return out
 
-# %% ../nbs/10b_bench.ipynb #0336048b
+# %% ../nbs/10b_bench.ipynb #c69ab05c
 def _ratio(a, b): return a / b if b else float("nan")
 
 def _ratios(methods:dict, dropouts) -> dict:
@@ -182,12 +182,12 @@ def run_bench(methods=DEFAULT_METHODS, # names in `METHODS`
         methods=results, ratios=_ratios(results, dropouts),
         inference=inference_latency(ids[:1], r, 3 * repeats, config) if inference else None)
 
-# %% ../nbs/10b_bench.ipynb #dadfb04e
+# %% ../nbs/10b_bench.ipynb #d2bb3fc9
 def _cpu_name() -> str:
     try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration): return platform.processor() or "unknown"
 
-# %% ../nbs/10b_bench.ipynb #8c3372ab
+# %% ../nbs/10b_bench.ipynb #e7116031
 def format_bench(result:dict) -> str:
     "Markdown tables of a `run_bench` result: per method, the target ratios, and inference latency."
     s = result["setup"]
@@ -210,7 +210,7 @@ def format_bench(result:dict) -> str:
                       f"merged {inf[f'merged_{clock}_s'] * 1e3:.1f} ms ({inf[f'merged/base {clock}']:.3f}x)"]
     return "\n".join(lines)
 
-# %% ../nbs/10b_bench.ipynb #acd16ea6
+# %% ../nbs/10b_bench.ipynb #b950e47e
 def _floats(text:str) -> list[float]:
     try: values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
@@ -255,5 +255,5 @@ def main(argv:list[str]|None=None):
     try: bench_main(args)
     except ValueError as e: parser.error(str(e))
 
-# %% ../nbs/10b_bench.ipynb #7161ea20
+# %% ../nbs/10b_bench.ipynb #611e5a8b
 if __name__ == "__main__": main()

@@ -7,12 +7,13 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #8e719920
+# %% ../nbs/cli.ipynb #c16605b7
 import argparse, json, sys
 from . import accounting
+from .bench import add_bench_arguments, bench_main
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #40820de3
+# %% ../nbs/cli.ipynb #0b29213d
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
@@ -24,7 +25,7 @@ def _positive_int(text:str) -> int:
     if not text.isdigit() or int(text) < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
-# %% ../nbs/cli.ipynb #e25c9d65
+# %% ../nbs/cli.ipynb #4b836fc6
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -32,7 +33,7 @@ def estimate_args(args) -> dict:
                         args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #20c22375
+# %% ../nbs/cli.ipynb #868977e3
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -53,7 +54,7 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #d0ab2d8a
+# %% ../nbs/cli.ipynb #0cd4a97a
 def _generate(args):
     from lora_kit.finetune import generate, load_adapted
     model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
@@ -63,12 +64,12 @@ def _merge(args):
     from lora_kit.finetune import merge_adapter
     print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
 
-# %% ../nbs/cli.ipynb #eadd9ba6
+# %% ../nbs/cli.ipynb #af32718f
 def _not_yet(name, issue):
     def run(args): raise UsageError(f"lora-kit {name}: not implemented yet (tracked in issue {issue})")
     return run
 
-# %% ../nbs/cli.ipynb #aea10cbb
+# %% ../nbs/cli.ipynb #a4ea691b
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -100,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--output", required=True, help="new folder for the merged model")
     m.add_argument("--model", help="base model (default: the adapter's base)")
     m.set_defaults(run=_merge)
-    for name, issue, help in [("finetune", 6, "fine-tune a model with LoRA"), ("bench", 8, "LoRA benchmarks"),
-                              ("app", 10, "the Streamlit app")]:
+    b = sub.add_parser("bench", help="benchmark full fine-tuning, peft LoRA and lora_kit LoRA side by side")
+    add_bench_arguments(b)
+    b.set_defaults(run=bench_main)
+    for name, issue, help in [("finetune", 6, "fine-tune a model with LoRA"), ("app", 10, "the Streamlit app")]:
         sub.add_parser(name, help=help).set_defaults(run=_not_yet(name, issue))
     return p
 
-# %% ../nbs/cli.ipynb #7585e217
+# %% ../nbs/cli.ipynb #6e0a5258
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `lora-kit` console script; returns the exit code."
     try:
@@ -116,5 +119,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #23f2dad6
+# %% ../nbs/cli.ipynb #5853e7ed
 if __name__ == "__main__": sys.exit(main())
