@@ -11,8 +11,9 @@ __all__ = ['PRONOUNS', 'NOUNS', 'ADJECTIVES', 'DETERMINERS', 'VERBS', 'PLACES', 
            'write_jsonl', 'write_demo_task', 'train_tokenizer', 'tiny_base_config', 'pretrain', 'base_path',
            'build_tiny_base', 'load_base', 'complete', 'exact_match']
 
-# %% ../nbs/06_tiny_base.ipynb #89aba3ea
+# %% ../nbs/06_tiny_base.ipynb #8b913bdc
 import json, math, os, random, shutil, tempfile, time
+from importlib.resources import files
 from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from .core import SPECIAL_TOKENS
 from .data import demo_path, llama2_chat, read_rows, to_messages
 
-# %% ../nbs/06_tiny_base.ipynb #1bede35e
+# %% ../nbs/06_tiny_base.ipynb #a32c9c45
 PRONOUNS = {"i": "saya", "you": "kamu", "we": "kami", "they": "mereka", "he": "dia", "she": "dia"}
 NOUNS = {  # word class: ({English: Indonesian}, adjectives that fit)
     "person": ({"teacher": "guru", "child": "anak", "farmer": "petani", "doctor": "dokter", "student": "murid",
@@ -56,7 +57,7 @@ TIMES = {"present": {"today": "hari ini", "every day": "setiap hari", "every mor
          "future":  {"tomorrow": "besok", "next week": "minggu depan", "tonight": "nanti malam"}}
 TENSE_MARKERS = {"present": "", "past": "sudah ", "future": "akan "}
 
-# %% ../nbs/06_tiny_base.ipynb #60134bbc
+# %% ../nbs/06_tiny_base.ipynb #ff847143
 def noun_phrase(rng:random.Random, word_class:str) -> tuple[str, str]:
     "A random noun phrase of `word_class` in English and Indonesian: `my old book` → `buku tua saya`."
     nouns, adjectives = NOUNS[word_class]
@@ -65,7 +66,7 @@ def noun_phrase(rng:random.Random, word_class:str) -> tuple[str, str]:
     english = " ".join(w for w in (det, adj, noun) if w)
     return english, " ".join(w for w in (nouns[noun], adj and ADJECTIVES[adj], DETERMINERS[det]) if w)
 
-# %% ../nbs/06_tiny_base.ipynb #6dc37f83
+# %% ../nbs/06_tiny_base.ipynb #343c4e32
 def sentence_pair(rng:random.Random) -> tuple[str, str]:
     "A random sentence of the grammar in English and its Indonesian translation."
     if rng.random() < 0.4: en_subj = rng.choice(list(PRONOUNS)); id_subj = PRONOUNS[en_subj]
@@ -80,7 +81,7 @@ def sentence_pair(rng:random.Random) -> tuple[str, str]:
     if rng.random() < 0.5: when = rng.choice(list(TIMES[tense])); english.append(when); indonesian.append(TIMES[tense][when])
     return " ".join(english) + ".", " ".join(indonesian) + "."
 
-# %% ../nbs/06_tiny_base.ipynb #7f65dab3
+# %% ../nbs/06_tiny_base.ipynb #f55e4985
 def document(rng:random.Random) -> str:
     "Two to four sentences in one language, usually followed by a repeat of one of them."
     language = rng.random() < 0.5  # 0: English, 1: Indonesian
@@ -94,7 +95,7 @@ def corpus(n:int, # number of documents
     rng = random.Random(seed)
     return [document(rng) for _ in range(n)]
 
-# %% ../nbs/06_tiny_base.ipynb #bb7f7086
+# %% ../nbs/06_tiny_base.ipynb #72f61893
 INSTRUCTION = "Translate to Indonesian:"
 
 def demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[list[dict], list[dict]]:
@@ -107,7 +108,7 @@ def demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[list[dict],
         examples.append({"instruction": INSTRUCTION, "input": english, "output": indonesian})
     return examples[:n_train], examples[n_train:]
 
-# %% ../nbs/06_tiny_base.ipynb #f3c62786
+# %% ../nbs/06_tiny_base.ipynb #fa5242c2
 def write_jsonl(rows:list[dict], path:str|Path) -> Path:
     "Write `rows` as JSON Lines (UTF-8), atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def write_demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[Path,
     train, evaluation = demo_task(n_train, n_eval, seed)
     return write_jsonl(train, demo_path("train")), write_jsonl(evaluation, demo_path("eval"))
 
-# %% ../nbs/06_tiny_base.ipynb #198d43df
+# %% ../nbs/06_tiny_base.ipynb #5a717bc8
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
     "{% else %}{% set system = '' %}{% endif %}"
@@ -130,7 +131,7 @@ LLAMA2_CHAT_TEMPLATE = (
     "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 
-# %% ../nbs/06_tiny_base.ipynb #eae4ed9d
+# %% ../nbs/06_tiny_base.ipynb #4b396496
 def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizerFast:
     "A byte-level BPE tokenizer trained on `lines`, with LLaMA's special tokens and the LLaMA-2 chat template."
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -141,14 +142,14 @@ def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizer
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", chat_template=LLAMA2_CHAT_TEMPLATE)
 
-# %% ../nbs/06_tiny_base.ipynb #0c0c7d5a
+# %% ../nbs/06_tiny_base.ipynb #dc23fc4c
 def tiny_base_config(vocab_size:int) -> LlamaConfig:
     "The tiny base's `LlamaConfig`: hidden 256, 4 layers, 4 heads sharing 2 key/value heads, context 256."
     return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
 
-# %% ../nbs/06_tiny_base.ipynb #d69328f3
+# %% ../nbs/06_tiny_base.ipynb #dfa7391f
 def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
              steps:int=300, batch_size:int=32, block:int=128, lr:float=3e-3, seed:int=0,
              log_every:int=50) -> list[float]:
@@ -169,14 +170,14 @@ def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
         if log_every and step % log_every == 0: print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
     return losses
 
-# %% ../nbs/06_tiny_base.ipynb #de588491
-BASE_DIR = Path(__file__).parent / "assets" / "tiny_base"
+# %% ../nbs/06_tiny_base.ipynb #46bfa842
+BASE_DIR = Path(str(files("lora_kit"))) / "assets" / "tiny_base"  # package data
 
 def base_path() -> Path:
     "Folder of the pretrained tiny base shipped with the package; `AutoModelForCausalLM.from_pretrained` loads it."
     return BASE_DIR
 
-# %% ../nbs/06_tiny_base.ipynb #7629f0fc
+# %% ../nbs/06_tiny_base.ipynb #bec8d39d
 def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
     "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, atomically."
     lines = corpus(n_documents, seed)
@@ -191,12 +192,12 @@ def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=35
     os.replace(tmp, out)
     return out
 
-# %% ../nbs/06_tiny_base.ipynb #41a3719b
+# %% ../nbs/06_tiny_base.ipynb #9dbc142e
 def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     "The shipped tiny base (in eval mode) and its tokenizer, loaded from package data with no network."
     return AutoModelForCausalLM.from_pretrained(base_path()).eval(), AutoTokenizer.from_pretrained(base_path())
 
-# %% ../nbs/06_tiny_base.ipynb #501bfede
+# %% ../nbs/06_tiny_base.ipynb #80b5c472
 @torch.no_grad()
 def complete(model, tokenizer, prompts:list[str], max_new_tokens:int=40) -> list[str]:
     "Greedy continuations of `prompts` (text as the model sees it, special tokens included), stopping at `</s>`."
@@ -206,7 +207,7 @@ def complete(model, tokenizer, prompts:list[str], max_new_tokens:int=40) -> list
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, batch["input_ids"].shape[1]:]]
 
-# %% ../nbs/06_tiny_base.ipynb #e59deb10
+# %% ../nbs/06_tiny_base.ipynb #d974b163
 def exact_match(model, tokenizer, rows:list[dict], batch_size:int=50) -> float:
     "Share of Alpaca-shaped `rows` whose greedy reply under the LLaMA-2 chat prompt equals `output` exactly."
     prompts = [llama2_chat(to_messages(r), tokenizer.bos_token, tokenizer.eos_token)[0][0] for r in rows]
