@@ -10,20 +10,20 @@ __all__ = ['ROLES', 'DATA_DIR', 'Segments', 'ALPACA_PREAMBLE', 'TEMPLATES', 'Dat
            'load_instructions', 'llama2_chat', 'alpaca', 'plain', 'chat_template', 'get_template', 'tokenize_messages',
            'show_loss_tokens', 'pack', 'tokenize_dataset', 'collate']
 
-# %% ../nbs/05_data.ipynb #4aa0e6ca
+# %% ../nbs/05_data.ipynb #a1873a04
 import csv, json, warnings
 from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 import datasets, torch
 
-# %% ../nbs/05_data.ipynb #dfe61167
+# %% ../nbs/05_data.ipynb #bcd39376
 class DataError(ValueError):
     "Bad instruction data; the message names the file or dataset, the row, the problem and the fix."
 
 ROLES = ("system", "user", "assistant")
 
-# %% ../nbs/05_data.ipynb #12e7ce7a
+# %% ../nbs/05_data.ipynb #b7d35cd6
 def _text(row:dict, field:str, where:str, required:bool=True) -> str:
     "The string in `row[field]`; '' when optional and absent; a `DataError` for a wrong type or a missing field."
     value = row.get(field)
@@ -35,7 +35,7 @@ def _text(row:dict, field:str, where:str, required:bool=True) -> str:
         raise DataError(f"{where}: field {field!r} must be text, got {type(value).__name__} {value!r}")
     return value
 
-# %% ../nbs/05_data.ipynb #67b3319f
+# %% ../nbs/05_data.ipynb #1914357a
 def _check_messages(messages, where:str) -> list[dict]:
     "`messages` as a list of `{'role', 'content'}` dicts, checked: known roles, text content, a non-empty reply."
     if not isinstance(messages, list) or not messages:
@@ -51,7 +51,7 @@ def _check_messages(messages, where:str) -> list[dict]:
         raise DataError(f"{where}: empty response: every example needs a non-empty assistant message to learn from")
     return checked
 
-# %% ../nbs/05_data.ipynb #5fe731b9
+# %% ../nbs/05_data.ipynb #04f49ac1
 def to_messages(row:dict,                  # one example as read from a file or dataset
                 columns:dict|None=None,    # our field -> their column, e.g. {"output": "answer"}
                 where:str="example",       # names the row in error messages, e.g. "train.jsonl line 3"
@@ -70,7 +70,7 @@ def to_messages(row:dict,                  # one example as read from a file or 
     return [*([{"role": "system", "content": system}] if system else []),
             {"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
-# %% ../nbs/05_data.ipynb #6e7c2ffd
+# %% ../nbs/05_data.ipynb #c2ae1672
 def _decode(path:Path) -> str:
     "The file's text; a `DataError` naming the line when it is not UTF-8."
     raw = path.read_bytes()
@@ -79,7 +79,7 @@ def _decode(path:Path) -> str:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path} line {line}: not UTF-8 (byte {raw[e.start]:#04x}); re-save the file as UTF-8") from None
 
-# %% ../nbs/05_data.ipynb #276f860c
+# %% ../nbs/05_data.ipynb #28f44616
 def read_rows(path:str|Path) -> list[tuple[str, dict]]:
     "The rows of a .jsonl, .json or .csv file, each with where it is (`'file line N'` or `'file row N'`)."
     path = Path(path)
@@ -102,7 +102,7 @@ def read_rows(path:str|Path) -> list[tuple[str, dict]]:
         except json.JSONDecodeError as e: raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     return rows
 
-# %% ../nbs/05_data.ipynb #3f68ed09
+# %% ../nbs/05_data.ipynb #e8db42c6
 DATA_DIR = Path(str(files("lora_kit"))) / "assets" / "data"  # package data, wherever lora_kit is installed
 
 def demo_path(split:str="train") -> Path:
@@ -110,7 +110,7 @@ def demo_path(split:str="train") -> Path:
     if split not in ("train", "eval"): raise ValueError(f"Unknown split {split!r}: use 'train' or 'eval'.")
     return DATA_DIR / f"translate_{split}.jsonl"
 
-# %% ../nbs/05_data.ipynb #05c7deb5
+# %% ../nbs/05_data.ipynb #8cd4115f
 def load_instructions(source:str|Path,        # a .jsonl/.json/.csv file, or a hub dataset name
                       columns:dict|None=None, # our field -> their column, e.g. {"instruction": "question"}
                       split:str="train",      # the split to take from a hub dataset
@@ -124,7 +124,7 @@ def load_instructions(source:str|Path,        # a .jsonl/.json/.csv file, or a h
     if not rows: raise DataError(f"{source}: no examples")
     return datasets.Dataset.from_dict({"messages": [to_messages(row, columns, where) for where, row in rows]})
 
-# %% ../nbs/05_data.ipynb #fc3713ce
+# %% ../nbs/05_data.ipynb #9d45ea3d
 Segments = list[tuple[str, bool]]  # (text, carries loss)
 
 def _turns(messages:list[dict]) -> tuple[str, list[tuple[str, str]]]:
@@ -136,7 +136,7 @@ def _turns(messages:list[dict]) -> tuple[str, list[tuple[str, str]]]:
         raise DataError(f"Turns must alternate user, assistant (after an optional system prompt), got {[m['role'] for m in messages]}")
     return system, [(u["content"], a["content"]) for u, a in zip(users, replies)]
 
-# %% ../nbs/05_data.ipynb #8c57ee98
+# %% ../nbs/05_data.ipynb #503f5916
 def llama2_chat(messages:list[dict], bos:str="<s>", eos:str="</s>") -> Segments:
     "LLaMA-2 chat: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>` per exchange."
     system, exchanges = _turns(messages)
@@ -146,7 +146,7 @@ def llama2_chat(messages:list[dict], bos:str="<s>", eos:str="</s>") -> Segments:
         segments += [(f"{bos}[INST] {user.strip()} [/INST]", False), (f" {reply.strip()} {eos}", True)]
     return segments
 
-# %% ../nbs/05_data.ipynb #69be2752
+# %% ../nbs/05_data.ipynb #f5a41f10
 ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 def _single(messages:list[dict], name:str) -> tuple[str, str, str]:
@@ -164,7 +164,7 @@ def plain(messages:list[dict], bos:str="<s>", eos:str="</s>") -> Segments:
     system, user, reply = _single(messages, "plain")
     return [(f"{bos}{system + chr(10) if system else ''}{user}\n", False), (f"{reply}{eos}", True)]
 
-# %% ../nbs/05_data.ipynb #0ddf6436
+# %% ../nbs/05_data.ipynb #28b82b39
 def chat_template(tokenizer) -> Callable[[list[dict]], Segments]:
     "A template that renders with `tokenizer.chat_template`, the replies carrying loss."
     if not getattr(tokenizer, "chat_template", None):
@@ -182,7 +182,7 @@ def chat_template(tokenizer) -> Callable[[list[dict]], Segments]:
         return segments
     return template
 
-# %% ../nbs/05_data.ipynb #299ae1e7
+# %% ../nbs/05_data.ipynb #80496acb
 TEMPLATES = {"llama2": llama2_chat, "alpaca": alpaca, "plain": plain}
 
 def get_template(template:str|Callable, tokenizer=None) -> Callable:
@@ -192,7 +192,7 @@ def get_template(template:str|Callable, tokenizer=None) -> Callable:
     if template not in TEMPLATES: raise ValueError(f"Unknown template {template!r}: use one of {', '.join(TEMPLATES)}, 'chat' or a function")
     return TEMPLATES[template]
 
-# %% ../nbs/05_data.ipynb #a1e422b7
+# %% ../nbs/05_data.ipynb #b29b4c97
 def tokenize_messages(messages:list[dict], tokenizer, template:str|Callable="llama2", max_length:int=512) -> dict:
     "`input_ids`, `labels` (−100 on the prompt) and whether the example was `truncated` to `max_length`."
     ids, labels = [], []
@@ -201,7 +201,7 @@ def tokenize_messages(messages:list[dict], tokenizer, template:str|Callable="lla
         ids += piece; labels += piece if loss else [-100] * len(piece)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
 
-# %% ../nbs/05_data.ipynb #90eeb305
+# %% ../nbs/05_data.ipynb #5c50f7cd
 def show_loss_tokens(input_ids:list[int], labels:list[int], tokenizer) -> str:
     "The decoded example with the tokens that carry loss wrapped in ⟦ ⟧."
     out, run, loss = [], [], None
@@ -212,7 +212,7 @@ def show_loss_tokens(input_ids:list[int], labels:list[int], tokenizer) -> str:
         if i is not None: run.append(i); loss = l != -100
     return "".join(out)
 
-# %% ../nbs/05_data.ipynb #1b33e687
+# %% ../nbs/05_data.ipynb #6ddd65ea
 def pack(ds:datasets.Dataset, max_length:int) -> datasets.Dataset:
     "Concatenate `input_ids`/`labels` of all rows and cut them into blocks of `max_length` (the last may be shorter)."
     ids = [i for row in ds["input_ids"] for i in row]
@@ -221,7 +221,7 @@ def pack(ds:datasets.Dataset, max_length:int) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_ids": [ids[s:s + max_length] for s in starts],
                                        "labels": [labels[s:s + max_length] for s in starts]})
 
-# %% ../nbs/05_data.ipynb #5ae36725
+# %% ../nbs/05_data.ipynb #5b443c98
 def tokenize_dataset(ds:datasets.Dataset,              # rows with `messages`, from `load_instructions`
                      tokenizer,
                      template:str|Callable="llama2",   # see `get_template`
@@ -235,7 +235,7 @@ def tokenize_dataset(ds:datasets.Dataset,              # rows with `messages`, f
         warnings.warn(f"{cut} of {len(tokenized)} examples were longer than max_length={max_length} and were truncated")
     return pack(tokenized, max_length) if packing else tokenized
 
-# %% ../nbs/05_data.ipynb #99ff03e2
+# %% ../nbs/05_data.ipynb #4c0fda3a
 def collate(rows:list[dict], pad_token_id:int) -> dict[str, torch.Tensor]:
     "A padded batch: `input_ids`, `attention_mask` and `labels` tensors, right-padded to the longest row."
     n = max(len(r["input_ids"]) for r in rows)

@@ -9,9 +9,9 @@ Docs: https://lora-kit.github.io/lora_kit/tiny_base.html.md"""
 __all__ = ['PRONOUNS', 'NOUNS', 'ADJECTIVES', 'DETERMINERS', 'VERBS', 'PLACES', 'TIMES', 'TENSE_MARKERS', 'INSTRUCTION',
            'LLAMA2_CHAT_TEMPLATE', 'BASE_DIR', 'noun_phrase', 'sentence_pair', 'document', 'corpus', 'demo_task',
            'write_jsonl', 'write_demo_task', 'train_tokenizer', 'tiny_base_config', 'pretrain', 'base_path',
-           'build_tiny_base', 'load_base', 'complete', 'exact_match']
+           'build_tiny_base', 'load_base', 'complete', 'exact_match', 'lora_finetune']
 
-# %% ../nbs/06_tiny_base.ipynb #8b913bdc
+# %% ../nbs/06_tiny_base.ipynb #6bdb14be
 import json, math, os, random, shutil, tempfile, time
 from importlib.resources import files
 from pathlib import Path
@@ -19,45 +19,34 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from .core import SPECIAL_TOKENS
-from .data import demo_path, llama2_chat, read_rows, to_messages
+from .data import collate, demo_path, llama2_chat, load_instructions, read_rows, to_messages, tokenize_dataset
 
-# %% ../nbs/06_tiny_base.ipynb #a32c9c45
+# %% ../nbs/06_tiny_base.ipynb #aadab7c8
 PRONOUNS = {"i": "saya", "you": "kamu", "we": "kami", "they": "mereka", "he": "dia", "she": "dia"}
 NOUNS = {  # word class: ({English: Indonesian}, adjectives that fit)
-    "person": ({"teacher": "guru", "child": "anak", "farmer": "petani", "doctor": "dokter", "student": "murid",
-                "mother": "ibu", "father": "ayah", "friend": "teman"}, ("young", "old", "tall", "happy")),
-    "animal": ({"cat": "kucing", "dog": "anjing", "bird": "burung", "monkey": "monyet", "goat": "kambing"},
-               ("big", "small", "young", "old")),
-    "food":   ({"rice": "nasi", "fish": "ikan", "bread": "roti", "mango": "mangga", "banana": "pisang",
-                "egg": "telur", "cake": "kue"}, ("big", "small", "hot", "cheap")),
-    "drink":  ({"water": "air", "coffee": "kopi", "tea": "teh", "milk": "susu"}, ("hot", "cold", "cheap")),
-    "text":   ({"book": "buku", "letter": "surat", "newspaper": "koran", "story": "cerita"}, ("new", "old", "long")),
-    "thing":  ({"house": "rumah", "car": "mobil", "bag": "tas", "shirt": "baju", "bicycle": "sepeda"},
-               ("big", "small", "new", "old", "red", "cheap")),
+    "person": ({"teacher": "guru", "child": "anak", "mother": "ibu", "friend": "teman"}, ("old", "small")),
+    "animal": ({"cat": "kucing", "dog": "anjing", "bird": "burung"}, ("big", "small", "old")),
+    "food":   ({"rice": "nasi", "fish": "ikan", "bread": "roti", "banana": "pisang"}, ("big", "small", "hot")),
+    "drink":  ({"water": "air", "coffee": "kopi", "milk": "susu"}, ("hot", "cold")),
+    "text":   ({"book": "buku", "letter": "surat"}, ("new", "old")),
+    "thing":  ({"house": "rumah", "car": "mobil", "bag": "tas"}, ("big", "small", "new", "old", "red")),
 }
-ADJECTIVES = {"big": "besar", "small": "kecil", "young": "muda", "old": "tua", "tall": "tinggi", "happy": "senang",
-              "hot": "panas", "cold": "dingin", "cheap": "murah", "new": "baru", "long": "panjang", "red": "merah"}
-DETERMINERS = {"the": "itu", "this": "ini", "that": "itu", "my": "saya", "your": "kamu", "our": "kami", "their": "mereka"}
+ADJECTIVES = {"big": "besar", "small": "kecil", "old": "tua", "new": "baru", "hot": "panas", "cold": "dingin", "red": "merah"}
+DETERMINERS = {"the": "itu", "this": "ini", "my": "saya", "your": "kamu"}
 VERBS = [  # (3rd person singular, past, base form, Indonesian, object classes)
     ("eats", "ate", "eat", "makan", ("food",)),
     ("cooks", "cooked", "cook", "memasak", ("food",)),
     ("drinks", "drank", "drink", "minum", ("drink",)),
     ("buys", "bought", "buy", "membeli", ("food", "drink", "text", "thing")),
     ("reads", "read", "read", "membaca", ("text",)),
-    ("writes", "wrote", "write", "menulis", ("text",)),
     ("sees", "saw", "see", "melihat", ("person", "animal", "thing")),
     ("likes", "liked", "like", "suka", ("person", "animal", "food", "drink", "text", "thing")),
-    ("cleans", "cleaned", "clean", "membersihkan", ("thing",)),
-    ("feeds", "fed", "feed", "memberi makan", ("animal",)),
 ]
-PLACES = {"at home": "di rumah", "at school": "di sekolah", "in the market": "di pasar", "in the garden": "di kebun",
-          "in the kitchen": "di dapur", "in the village": "di desa"}
-TIMES = {"present": {"today": "hari ini", "every day": "setiap hari", "every morning": "setiap pagi"},
-         "past":    {"yesterday": "kemarin", "last night": "tadi malam", "last week": "minggu lalu"},
-         "future":  {"tomorrow": "besok", "next week": "minggu depan", "tonight": "nanti malam"}}
+PLACES = {"at home": "di rumah", "at school": "di sekolah", "in the market": "di pasar"}
+TIMES = {"present": {"today": "hari ini"}, "past": {"yesterday": "kemarin"}, "future": {"tomorrow": "besok"}}
 TENSE_MARKERS = {"present": "", "past": "sudah ", "future": "akan "}
 
-# %% ../nbs/06_tiny_base.ipynb #ff847143
+# %% ../nbs/06_tiny_base.ipynb #0e2f3d07
 def noun_phrase(rng:random.Random, word_class:str) -> tuple[str, str]:
     "A random noun phrase of `word_class` in English and Indonesian: `my old book` → `buku tua saya`."
     nouns, adjectives = NOUNS[word_class]
@@ -66,8 +55,9 @@ def noun_phrase(rng:random.Random, word_class:str) -> tuple[str, str]:
     english = " ".join(w for w in (det, adj, noun) if w)
     return english, " ".join(w for w in (nouns[noun], adj and ADJECTIVES[adj], DETERMINERS[det]) if w)
 
-# %% ../nbs/06_tiny_base.ipynb #343c4e32
-def sentence_pair(rng:random.Random) -> tuple[str, str]:
+# %% ../nbs/06_tiny_base.ipynb #0c9bf5cb
+def sentence_pair(rng:random.Random, adverbials:bool=True, # add a place and a time, each in 3 sentences of 10
+                 ) -> tuple[str, str]:
     "A random sentence of the grammar in English and its Indonesian translation."
     if rng.random() < 0.4: en_subj = rng.choice(list(PRONOUNS)); id_subj = PRONOUNS[en_subj]
     else: en_subj, id_subj = noun_phrase(rng, rng.choice(("person", "animal")))
@@ -77,17 +67,16 @@ def sentence_pair(rng:random.Random) -> tuple[str, str]:
     en_verb = {"present": third if singular else base, "past": past, "future": f"will {base}"}[tense]
     en_obj, id_obj = noun_phrase(rng, rng.choice(objects))
     english, indonesian = [en_subj, en_verb, en_obj], [id_subj, TENSE_MARKERS[tense] + id_verb, id_obj]
-    if rng.random() < 0.5: place = rng.choice(list(PLACES)); english.append(place); indonesian.append(PLACES[place])
-    if rng.random() < 0.5: when = rng.choice(list(TIMES[tense])); english.append(when); indonesian.append(TIMES[tense][when])
+    if adverbials and rng.random() < 0.3: place = rng.choice(list(PLACES)); english.append(place); indonesian.append(PLACES[place])
+    if adverbials and rng.random() < 0.3: when = rng.choice(list(TIMES[tense])); english.append(when); indonesian.append(TIMES[tense][when])
     return " ".join(english) + ".", " ".join(indonesian) + "."
 
-# %% ../nbs/06_tiny_base.ipynb #f55e4985
+# %% ../nbs/06_tiny_base.ipynb #dc13f3b4
 def document(rng:random.Random) -> str:
-    "Two to four sentences in one language, usually followed by a repeat of one of them."
+    "One to three sentences in one language, mostly followed by the same sentences again."
     language = rng.random() < 0.5  # 0: English, 1: Indonesian
-    sentences = [sentence_pair(rng)[language] for _ in range(rng.randint(2, 4))]
-    if rng.random() < 0.75: sentences.append(rng.choice(sentences))
-    return " ".join(sentences)
+    sentences = [sentence_pair(rng)[language] for _ in range(rng.randint(1, 3))]
+    return " ".join(sentences * (2 if rng.random() < 0.8 else 1))
 
 def corpus(n:int, # number of documents
            seed:int=0) -> list[str]:
@@ -95,20 +84,20 @@ def corpus(n:int, # number of documents
     rng = random.Random(seed)
     return [document(rng) for _ in range(n)]
 
-# %% ../nbs/06_tiny_base.ipynb #72f61893
+# %% ../nbs/06_tiny_base.ipynb #e35d36e1
 INSTRUCTION = "Translate to Indonesian:"
 
 def demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[list[dict], list[dict]]:
     "Train and eval examples of English → Indonesian translation, no English sentence in both (or twice)."
     rng, seen, examples = random.Random(seed), set(), []
     while len(examples) < n_train + n_eval:
-        english, indonesian = sentence_pair(rng)
+        english, indonesian = sentence_pair(rng, adverbials=False)
         if english in seen: continue
         seen.add(english)
         examples.append({"instruction": INSTRUCTION, "input": english, "output": indonesian})
     return examples[:n_train], examples[n_train:]
 
-# %% ../nbs/06_tiny_base.ipynb #fa5242c2
+# %% ../nbs/06_tiny_base.ipynb #73155d59
 def write_jsonl(rows:list[dict], path:str|Path) -> Path:
     "Write `rows` as JSON Lines (UTF-8), atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +111,7 @@ def write_demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[Path,
     train, evaluation = demo_task(n_train, n_eval, seed)
     return write_jsonl(train, demo_path("train")), write_jsonl(evaluation, demo_path("eval"))
 
-# %% ../nbs/06_tiny_base.ipynb #5a717bc8
+# %% ../nbs/06_tiny_base.ipynb #0fe4339f
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
     "{% else %}{% set system = '' %}{% endif %}"
@@ -131,7 +120,7 @@ LLAMA2_CHAT_TEMPLATE = (
     "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 
-# %% ../nbs/06_tiny_base.ipynb #4b396496
+# %% ../nbs/06_tiny_base.ipynb #bd4ca72d
 def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizerFast:
     "A byte-level BPE tokenizer trained on `lines`, with LLaMA's special tokens and the LLaMA-2 chat template."
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -142,14 +131,14 @@ def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizer
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", chat_template=LLAMA2_CHAT_TEMPLATE)
 
-# %% ../nbs/06_tiny_base.ipynb #dc23fc4c
+# %% ../nbs/06_tiny_base.ipynb #e3b12757
 def tiny_base_config(vocab_size:int) -> LlamaConfig:
     "The tiny base's `LlamaConfig`: hidden 256, 4 layers, 4 heads sharing 2 key/value heads, context 256."
     return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
 
-# %% ../nbs/06_tiny_base.ipynb #dfa7391f
+# %% ../nbs/06_tiny_base.ipynb #970629e8
 def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
              steps:int=300, batch_size:int=32, block:int=128, lr:float=3e-3, seed:int=0,
              log_every:int=50) -> list[float]:
@@ -170,14 +159,14 @@ def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
         if log_every and step % log_every == 0: print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
     return losses
 
-# %% ../nbs/06_tiny_base.ipynb #46bfa842
+# %% ../nbs/06_tiny_base.ipynb #354856ec
 BASE_DIR = Path(str(files("lora_kit"))) / "assets" / "tiny_base"  # package data
 
 def base_path() -> Path:
     "Folder of the pretrained tiny base shipped with the package; `AutoModelForCausalLM.from_pretrained` loads it."
     return BASE_DIR
 
-# %% ../nbs/06_tiny_base.ipynb #bec8d39d
+# %% ../nbs/06_tiny_base.ipynb #de35ef35
 def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
     "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, atomically."
     lines = corpus(n_documents, seed)
@@ -188,16 +177,18 @@ def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=35
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp_"))
     model.eval().save_pretrained(tmp); tokenizer.save_pretrained(tmp)
+    tmp.chmod(0o755)  # readable by all, like any installed package data
+    for f in tmp.iterdir(): f.chmod(0o644)
     if out.exists(): shutil.rmtree(out)
     os.replace(tmp, out)
     return out
 
-# %% ../nbs/06_tiny_base.ipynb #9dbc142e
+# %% ../nbs/06_tiny_base.ipynb #275a1a51
 def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     "The shipped tiny base (in eval mode) and its tokenizer, loaded from package data with no network."
     return AutoModelForCausalLM.from_pretrained(base_path()).eval(), AutoTokenizer.from_pretrained(base_path())
 
-# %% ../nbs/06_tiny_base.ipynb #80b5c472
+# %% ../nbs/06_tiny_base.ipynb #1f5fb6c4
 @torch.no_grad()
 def complete(model, tokenizer, prompts:list[str], max_new_tokens:int=40) -> list[str]:
     "Greedy continuations of `prompts` (text as the model sees it, special tokens included), stopping at `</s>`."
@@ -207,9 +198,27 @@ def complete(model, tokenizer, prompts:list[str], max_new_tokens:int=40) -> list
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, batch["input_ids"].shape[1]:]]
 
-# %% ../nbs/06_tiny_base.ipynb #d974b163
+# %% ../nbs/06_tiny_base.ipynb #1fb456be
 def exact_match(model, tokenizer, rows:list[dict], batch_size:int=50) -> float:
     "Share of Alpaca-shaped `rows` whose greedy reply under the LLaMA-2 chat prompt equals `output` exactly."
     prompts = [llama2_chat(to_messages(r), tokenizer.bos_token, tokenizer.eos_token)[0][0] for r in rows]
     replies = [r for i in range(0, len(rows), batch_size) for r in complete(model, tokenizer, prompts[i:i + batch_size])]
     return sum(reply == row["output"].strip() for reply, row in zip(replies, rows)) / len(rows)
+
+# %% ../nbs/06_tiny_base.ipynb #076526fe
+def lora_finetune(model, tokenizer, steps:int=3000, lr:float=4e-3, batch_size:int=16, r:int=8, seed:int=0,
+                  log_every:int=250):
+    "The base with rank-`r` peft LoRA adapters on every linear layer, trained on the demo task's train split."
+    from peft import LoraConfig, get_peft_model  # lora_kit.inject.add_lora replaces this once lesson 07 lands
+    rows = list(tokenize_dataset(load_instructions(demo_path("train")), tokenizer, max_length=128))
+    torch.manual_seed(seed); rng = random.Random(seed)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    schedule = lambda s: min(1, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train(); start = time.time()
+    for step in range(steps):
+        loss = model(**collate(rng.sample(rows, batch_size), tokenizer.pad_token_id)).loss
+        loss.backward(); opt.step(); opt.zero_grad(); sched.step()
+        if log_every and step % log_every == 0: print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
+    return model.eval()
