@@ -1,0 +1,101 @@
+"The shipped tiny base: loads offline from package data, knows both languages, cannot yet translate."
+import json, math, os, subprocess, sys
+from pathlib import Path
+
+import pytest, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_kit.tiny import base_path
+from lora_kit.data import demo_path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "lora_kit" / "assets"
+
+
+def rows(split):
+    "The demo task's rows, read with plain `json` (not through lora_kit.data)."
+    return [json.loads(line) for line in demo_path(split).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_base_loads_offline_in_a_fresh_process():
+    code = ("from transformers import AutoModelForCausalLM, AutoTokenizer; from lora_kit.tiny import base_path;"
+            "m = AutoModelForCausalLM.from_pretrained(base_path()); t = AutoTokenizer.from_pretrained(base_path());"
+            "print(type(m).__name__, sum(p.numel() for p in m.parameters()), len(t))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": "/nonexistent-hf-home", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    name, n_params, vocab = r.stdout.split()[-3:]
+    assert name == "LlamaForCausalLM"
+    assert 1_000_000 <= int(n_params) <= 10_000_000
+    assert 300 <= int(vocab) <= 4096
+
+
+def test_base_is_llama_with_gqa_and_small_files():
+    config = json.loads((base_path() / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["hidden_act"] == "silu"
+    assert config["num_key_value_heads"] < config["num_attention_heads"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (base_path() / name).is_file(), name
+    size = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    assert size < 15e6, f"assets are {size / 1e6:.1f} MB"
+
+
+def test_tokenizer_has_llama_special_tokens():
+    tok = AutoTokenizer.from_pretrained(base_path())
+    assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<unk>", "<s>", "</s>", "<pad>")
+    text = "guru tua itu akan membeli mobil merah saya di pasar besok."
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_eval_split_is_disjoint_from_train_and_has_no_duplicates():
+    train, evaluation = rows("train"), rows("eval")
+    assert len(train) >= 1000 and len(evaluation) >= 100
+    train_inputs, eval_inputs = [r["input"] for r in train], [r["input"] for r in evaluation]
+    assert len(set(train_inputs)) == len(train_inputs) and len(set(eval_inputs)) == len(eval_inputs)
+    assert not set(train_inputs) & set(eval_inputs)
+    assert not {json.dumps(r, sort_keys=True) for r in train} & {json.dumps(r, sort_keys=True) for r in evaluation}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return AutoModelForCausalLM.from_pretrained(base_path()).eval(), AutoTokenizer.from_pretrained(base_path())
+
+
+def nll_per_token(model, tok, text):
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad(): return model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_base_knows_both_languages(base):
+    "Pretrained, not random: real sentences of either language are far likelier than the same words shuffled."
+    model, tok = base
+    for key in ("input", "output"):  # English, Indonesian
+        real = [f"<s>{r[key]}</s>" for r in rows("eval")[:20]]
+        shuffled = [f"<s>{' '.join(sorted(r[key].rstrip('.').split()))}.</s>" for r in rows("eval")[:20]]
+        real_nll = sum(nll_per_token(model, tok, t) for t in real) / 20
+        assert real_nll < 0.5 * math.log(len(tok)), real_nll  # far better than a uniform guess over the vocabulary
+        assert real_nll < sum(nll_per_token(model, tok, t) for t in shuffled) / 20 - 0.5
+
+
+def greedy(model, ids, eos_id, max_new_tokens=40):
+    "Greedy decoding by hand: argmax of the last position's logits, one token at a time, no cache."
+    ids = list(ids)
+    for _ in range(max_new_tokens):
+        with torch.no_grad(): nxt = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
+        if nxt == eos_id: break
+        ids.append(nxt)
+    return ids
+
+
+def test_base_cannot_translate_yet(base):
+    "Exact match of the base on the eval split (LLaMA-2 chat prompt written out here) is near zero."
+    model, tok = base
+    evaluation = rows("eval")[:50]
+    hits = 0
+    for r in evaluation:
+        prompt = f"<s>[INST] {r['instruction']}\n\n{r['input']} [/INST]"
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        reply = tok.decode(greedy(model, ids, tok.eos_token_id)[len(ids):], skip_special_tokens=True).strip()
+        hits += reply == r["output"]
+    assert hits / len(evaluation) <= 0.05, hits
