@@ -7,13 +7,14 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #c16605b7
+# %% ../nbs/cli.ipynb #664af078
 import argparse, json, sys
 from . import accounting
 from .bench import add_bench_arguments, bench_main
+from .finetune import DEMO_CONFIG, DEMO_TARGETS
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #0b29213d
+# %% ../nbs/cli.ipynb #bae636a4
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
@@ -25,7 +26,7 @@ def _positive_int(text:str) -> int:
     if not text.isdigit() or int(text) < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
-# %% ../nbs/cli.ipynb #4b836fc6
+# %% ../nbs/cli.ipynb #4f20bc39
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -33,7 +34,7 @@ def estimate_args(args) -> dict:
                         args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #868977e3
+# %% ../nbs/cli.ipynb #00372d5c
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -54,7 +55,46 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #0cd4a97a
+# %% ../nbs/cli.ipynb #7ea1087a
+def _finetune_arguments(f):
+    d = DEMO_CONFIG
+    f.add_argument("--model", default="tiny", help="tiny (embedded), a local folder, or a Hub id")
+    f.add_argument("--data", help="train file (.jsonl/.json/.csv) or Hub dataset (default: the bundled demo task)")
+    f.add_argument("--eval-data", help="held-out file (default: the demo's eval split, or 5%% of --data)")
+    f.add_argument("--output", default="lora-kit-output", help="folder for the adapter, metrics.json and loss.png")
+    f.add_argument("--rank", type=_positive_int, default=8)
+    f.add_argument("--alpha", type=float, default=16)
+    f.add_argument("--dropout", type=float, default=0.0)
+    f.add_argument("--targets", default=",".join(DEMO_TARGETS), help="comma-separated module names, or all-linear")
+    f.add_argument("--rslora", action="store_true", help="rank-stabilized scaling alpha/sqrt(r)")
+    f.add_argument("--4bit", dest="four_bit", action="store_true", help="QLoRA: NF4 base (needs lora_kit[qlora])")
+    f.add_argument("--template", default="llama2", help="llama2, alpaca, plain or chat (the tokenizer's own)")
+    f.add_argument("--max-length", type=_positive_int, default=256)
+    f.add_argument("--eval-examples", type=_positive_int, default=200)
+    f.add_argument("--max-steps", type=_positive_int, default=d.max_steps)
+    f.add_argument("--epochs", type=float, help="train for this many passes over the data instead of --max-steps")
+    f.add_argument("--lr", type=float, default=d.lr)
+    f.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    f.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum)
+    f.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    f.add_argument("--seed", type=int, default=d.seed)
+    f.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps under OUTPUT/checkpoints")
+    f.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --output")
+    f.add_argument("--grad-checkpointing", action="store_true")
+    f.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+
+def _finetune(args):
+    from lora_kit.finetune import finetune, summary
+    from lora_kit.train import TrainConfig
+    config = TrainConfig(max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         warmup_steps=args.warmup_steps, precision=args.precision, seed=args.seed,
+                         grad_checkpointing=args.grad_checkpointing, save_every=args.save_every)
+    metrics = finetune(args.model, args.data, args.eval_data, args.output, args.rank, args.alpha, args.dropout,
+                       args.targets, args.rslora, args.four_bit, args.template, args.max_length, args.eval_examples,
+                       args.resume, config, epochs=args.epochs)
+    print(summary(metrics, args.output))
+
+# %% ../nbs/cli.ipynb #cd6af826
 def _generate(args):
     from lora_kit.finetune import generate, load_adapted
     model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
@@ -64,12 +104,19 @@ def _merge(args):
     from lora_kit.finetune import merge_adapter
     print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
 
-# %% ../nbs/cli.ipynb #af32718f
-def _not_yet(name, issue):
-    def run(args): raise UsageError(f"lora-kit {name}: not implemented yet (tracked in issue {issue})")
-    return run
+# %% ../nbs/cli.ipynb #8012fdf3
+def _app(args):
+    import importlib.util, os, subprocess
+    if importlib.util.find_spec("streamlit") is None:
+        raise ImportError("lora-kit app needs streamlit: pip install 'lora_kit[app]'")
+    from lora_kit import app
+    env = {**os.environ, app.ENV_MODEL: args.model, **({app.ENV_ADAPTER: args.adapter} if args.adapter else {})}
+    print(f"lora_kit app: http://127.0.0.1:{args.port}", flush=True)
+    subprocess.run([sys.executable, "-m", "streamlit", "run", app.__file__, "--server.address", "127.0.0.1",
+                    "--server.port", str(args.port), "--server.headless", "true",
+                    "--browser.gatherUsageStats", "false"], env=env, check=True)
 
-# %% ../nbs/cli.ipynb #a4ea691b
+# %% ../nbs/cli.ipynb #47184e0a
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -104,11 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark full fine-tuning, peft LoRA and lora_kit LoRA side by side")
     add_bench_arguments(b)
     b.set_defaults(run=bench_main)
-    for name, issue, help in [("finetune", 6, "fine-tune a model with LoRA"), ("app", 10, "the Streamlit app")]:
-        sub.add_parser(name, help=help).set_defaults(run=_not_yet(name, issue))
+    f = sub.add_parser("finetune", help="fine-tune with LoRA (default: the embedded tiny base on the demo task, CPU)")
+    _finetune_arguments(f)
+    f.set_defaults(run=_finetune)
+    a = sub.add_parser("app", help="the Streamlit app: base vs adapter side by side, and what LoRA saves")
+    a.add_argument("--port", type=_positive_int, default=8501)
+    a.add_argument("--adapter", help="adapter folder (default: the demo adapter shipped with lora_kit)")
+    a.add_argument("--model", default="tiny", help="base model: tiny, a folder or a Hub id")
+    a.set_defaults(run=_app)
     return p
 
-# %% ../nbs/cli.ipynb #6e0a5258
+# %% ../nbs/cli.ipynb #980d3590
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `lora-kit` console script; returns the exit code."
     try:
@@ -119,5 +172,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #5853e7ed
+# %% ../nbs/cli.ipynb #a3e916f9
 if __name__ == "__main__": sys.exit(main())

@@ -9,7 +9,7 @@ __all__ = ['CHECKPOINTS', 'pad_batch', 'loss_sum', 'step_indices', 'TrainConfig'
            'latest_checkpoint', 'load_checkpoint', 'resume', 'peak_memory_bytes', 'evaluate_loss', 'NonFiniteLossError',
            'check_finite', 'train', 'plot_history']
 
-# %% ../nbs/07_train.ipynb #ac45581b
+# %% ../nbs/07_train.ipynb #13aefe8c
 import json, math, os, resource, shutil, tempfile, time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -24,7 +24,7 @@ from .core import count_params
 from .efficient import causal_lm_loss
 from .inject import save_adapter, load_adapter_weights
 
-# %% ../nbs/07_train.ipynb #c5b559bc
+# %% ../nbs/07_train.ipynb #ef5f0a44
 def pad_batch(examples:list[dict], # each with `input_ids` and `labels` (lists of ints)
               pad_token_id:int=0,
              ) -> dict[str, torch.Tensor]:
@@ -35,7 +35,7 @@ def pad_batch(examples:list[dict], # each with `input_ids` and `labels` (lists o
                 attention_mask=torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
                 labels=torch.tensor([pad(e["labels"], -100) for e in examples]))
 
-# %% ../nbs/07_train.ipynb #aa424c7e
+# %% ../nbs/07_train.ipynb #7bf7538c
 def loss_sum(model, batch:dict) -> tuple[torch.Tensor, torch.Tensor]:
     "Summed next-token cross-entropy over target tokens (labels ≠ −100), and their count."
     targets = batch["labels"][:, 1:]
@@ -45,7 +45,7 @@ def loss_sum(model, batch:dict) -> tuple[torch.Tensor, torch.Tensor]:
     else: loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], reduction="sum")
     return loss, (targets != -100).sum()
 
-# %% ../nbs/07_train.ipynb #fcba8240
+# %% ../nbs/07_train.ipynb #a8748e2c
 def step_indices(step:int, # optimizer step, from 0
                  n_examples:int, batch_size:int, grad_accum:int=1, world_size:int=1, seed:int=0,
                 ) -> list[list[list[int]]]:
@@ -59,7 +59,7 @@ def step_indices(step:int, # optimizer step, from 0
     chunks = [out[i:i + batch_size] for i in range(0, per_step, batch_size)]
     return [chunks[m * world_size:(m + 1) * world_size] for m in range(grad_accum)]
 
-# %% ../nbs/07_train.ipynb #ac076cf8
+# %% ../nbs/07_train.ipynb #f37288cd
 @dataclass
 class TrainConfig:
     max_steps:int=100 # optimizer steps
@@ -83,7 +83,7 @@ class TrainConfig:
         if self.precision not in ("no", "bf16", "fp16"): raise ValueError(f"precision must be no, bf16 or fp16, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear"): raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
 
-# %% ../nbs/07_train.ipynb #5f88399b
+# %% ../nbs/07_train.ipynb #01ef0728
 CHECKPOINTS = "checkpoints"
 
 def save_checkpoint(output_dir:Path, step:int, model, optimizer, scheduler, accelerator:Accelerator) -> Path:
@@ -102,7 +102,7 @@ def save_checkpoint(output_dir:Path, step:int, model, optimizer, scheduler, acce
     accelerator.wait_for_everyone()
     return final
 
-# %% ../nbs/07_train.ipynb #ab0314b1
+# %% ../nbs/07_train.ipynb #19b715dc
 def checkpoints(output_dir:str|Path) -> list[Path]:
     "Complete checkpoint folders under `output_dir/checkpoints`, oldest first (unfinished `.tmp` ones left out)."
     return sorted(p for p in (Path(output_dir) / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
@@ -134,7 +134,7 @@ def resume(resume_from:str|Path, fallback:bool, *state) -> int:
             if not fallback or i == len(candidates) - 1: raise
             warnings.warn(f"{e} Falling back to {candidates[i + 1].name}.")
 
-# %% ../nbs/07_train.ipynb #98529c01
+# %% ../nbs/07_train.ipynb #c5ce7d76
 def peak_memory_bytes() -> int:
     "Peak memory so far: CUDA allocator peak on GPU, else the process's peak RSS."
     if torch.cuda.is_available(): return torch.cuda.max_memory_allocated()
@@ -151,7 +151,7 @@ def evaluate_loss(model, examples:list[dict], collate_fn, batch_size:int=16) -> 
     model.train(was_training)
     return total / max(count, 1)
 
-# %% ../nbs/07_train.ipynb #7e8001b9
+# %% ../nbs/07_train.ipynb #9c6dc603
 class NonFiniteLossError(FloatingPointError):
     "Training stopped because the loss was `nan` or `inf`; the model holds the weights from before that step."
 
@@ -162,7 +162,7 @@ def check_finite(loss:float, step:int):
                                  "last good one. Try a lower learning rate, precision 'bf16' or 'no' instead of 'fp16', "
                                  "or a smaller max_grad_norm.")
 
-# %% ../nbs/07_train.ipynb #3bc1d765
+# %% ../nbs/07_train.ipynb #3135c344
 def _targets(examples, indices): return sum(sum(1 for t in examples[i]["labels"][1:] if t != -100) for i in indices)
 
 def train(model, # a model with LoRA adapters (or any model: whatever has requires_grad trains)
@@ -220,7 +220,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
         record = dict(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0])
         if eval_examples and config.eval_every and (step + 1) % config.eval_every == 0: record.update(evaluate())
         history.append(record)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens * W / max(seconds, 1e-9):.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens * W / max(seconds, 1e-9):.0f}", refresh=False)
         if output_dir and config.save_every and (step + 1) % config.save_every == 0:
             save_checkpoint(output_dir, step + 1, model, optimizer, scheduler, accelerator)
     final = evaluate() if eval_examples else {}
@@ -228,7 +228,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
                 peak_memory_bytes=peak_memory_bytes(), trainable_params=count_params(model, trainable_only=True),
                 total_params=count_params(model), world_size=W, history=history, **final)
 
-# %% ../nbs/07_train.ipynb #2bf1224e
+# %% ../nbs/07_train.ipynb #5af98443
 def plot_history(history:list[dict], # `train(...)["history"]`
                  path:str|Path|None=None, # also save the figure here (PNG, written atomically)
                 ):

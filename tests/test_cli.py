@@ -87,7 +87,8 @@ def test_bad_config_json_exits_2_with_one_line(tmp_path, capsys, content, reason
     (("estimate", "--method", "dora"), "invalid choice"),
     (("estimate", "--targets", "q,v"), "LoRA targets q, v unknown"),
     (("estimate", "--seq-len", "0"), "seq_len and batch_size must be >= 1"),
-    (("finetune",), "not implemented yet"),
+    (("finetune", "--rank", "0"), "must be an integer >= 1"),
+    (("finetune", "--precision", "fp64"), "invalid choice"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, args, reason):
     r = in_process(capsys, *args)
