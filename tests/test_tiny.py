@@ -17,15 +17,21 @@ def rows(split):
     return [json.loads(line) for line in demo_path(split).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def test_base_loads_offline_in_a_fresh_process():
+def test_installed_package_loads_base_and_demo_data_offline(tmp_path):
+    "`pip install` the package, then load the base and the demo data from the installed copy with no network."
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
     code = ("from transformers import AutoModelForCausalLM, AutoTokenizer; from lora_kit.tiny import base_path;"
+            "from lora_kit.data import demo_path, load_instructions; assert len(load_instructions(demo_path('eval')));"
             "m = AutoModelForCausalLM.from_pretrained(base_path()); t = AutoTokenizer.from_pretrained(base_path());"
-            "print(type(m).__name__, sum(p.numel() for p in m.parameters()), len(t))")
+            "print(base_path(), type(m).__name__, sum(p.numel() for p in m.parameters()), len(t))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HOME": "/nonexistent-hf-home", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+           "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(target)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    name, n_params, vocab = r.stdout.split()[-3:]
+    where, name, n_params, vocab = r.stdout.split()[-4:]
+    assert where.startswith(str(target))
     assert name == "LlamaForCausalLM"
     assert 1_000_000 <= int(n_params) <= 10_000_000
     assert 300 <= int(vocab) <= 4096
