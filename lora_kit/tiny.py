@@ -9,9 +9,9 @@ Docs: https://lora-kit.github.io/lora_kit/tiny_base.html.md"""
 __all__ = ['PRONOUNS', 'NOUNS', 'ADJECTIVES', 'DETERMINERS', 'VERBS', 'PLACES', 'TIMES', 'TENSE_MARKERS', 'INSTRUCTION',
            'LLAMA2_CHAT_TEMPLATE', 'BASE_DIR', 'noun_phrase', 'sentence_pair', 'document', 'corpus', 'demo_task',
            'write_jsonl', 'write_demo_task', 'train_tokenizer', 'tiny_base_config', 'pretrain', 'base_path',
-           'build_tiny_base', 'load_base', 'complete', 'exact_match', 'lora_finetune']
+           'build_tiny_base', 'load_base']
 
-# %% ../nbs/06_tiny_base.ipynb #2476d5aa
+# %% ../nbs/06_tiny_base.ipynb #2afa68b8
 import json, math, os, random, shutil, tempfile, time
 from importlib.resources import files
 from pathlib import Path
@@ -19,9 +19,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from .core import SPECIAL_TOKENS
-from .data import collate, demo_path, llama2_chat, load_instructions, to_messages, tokenize_dataset
+from .data import demo_path
 
-# %% ../nbs/06_tiny_base.ipynb #ef8cb5a3
+# %% ../nbs/06_tiny_base.ipynb #4f485cbb
 PRONOUNS = {"i": "saya", "you": "kamu", "we": "kami", "they": "mereka", "he": "dia", "she": "dia"}
 NOUNS = {  # word class: ({English: Indonesian}, adjectives that fit)
     "person": ({"teacher": "guru", "child": "anak", "mother": "ibu", "friend": "teman"}, ("old", "small")),
@@ -46,7 +46,7 @@ PLACES = {"at home": "di rumah", "at school": "di sekolah", "in the market": "di
 TIMES = {"present": {"today": "hari ini"}, "past": {"yesterday": "kemarin"}, "future": {"tomorrow": "besok"}}
 TENSE_MARKERS = {"present": "", "past": "sudah ", "future": "akan "}
 
-# %% ../nbs/06_tiny_base.ipynb #08e6c66e
+# %% ../nbs/06_tiny_base.ipynb #20a40bc3
 def noun_phrase(rng:random.Random, word_class:str) -> tuple[str, str]:
     "A random noun phrase of `word_class` in English and Indonesian: `my old book` → `buku tua saya`."
     nouns, adjectives = NOUNS[word_class]
@@ -55,7 +55,7 @@ def noun_phrase(rng:random.Random, word_class:str) -> tuple[str, str]:
     english = " ".join(w for w in (det, adj, noun) if w)
     return english, " ".join(w for w in (nouns[noun], adj and ADJECTIVES[adj], DETERMINERS[det]) if w)
 
-# %% ../nbs/06_tiny_base.ipynb #ab311c93
+# %% ../nbs/06_tiny_base.ipynb #40658f87
 def sentence_pair(rng:random.Random, adverbials:bool=True, # add a place and a time, each in 3 sentences of 10
                  ) -> tuple[str, str]:
     "A random sentence of the grammar in English and its Indonesian translation."
@@ -71,7 +71,7 @@ def sentence_pair(rng:random.Random, adverbials:bool=True, # add a place and a t
     if adverbials and rng.random() < 0.3: when = rng.choice(list(TIMES[tense])); english.append(when); indonesian.append(TIMES[tense][when])
     return " ".join(english) + ".", " ".join(indonesian) + "."
 
-# %% ../nbs/06_tiny_base.ipynb #6ade3cf7
+# %% ../nbs/06_tiny_base.ipynb #7967d697
 def document(rng:random.Random) -> str:
     "One to three sentences in one language, mostly followed by the same sentences again."
     language = rng.random() < 0.5  # 0: English, 1: Indonesian
@@ -84,7 +84,7 @@ def corpus(n:int, # number of documents
     rng = random.Random(seed)
     return [document(rng) for _ in range(n)]
 
-# %% ../nbs/06_tiny_base.ipynb #b29737d6
+# %% ../nbs/06_tiny_base.ipynb #a950bf6b
 INSTRUCTION = "Translate to Indonesian:"
 
 def demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[list[dict], list[dict]]:
@@ -97,7 +97,7 @@ def demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[list[dict],
         examples.append({"instruction": INSTRUCTION, "input": english, "output": indonesian})
     return examples[:n_train], examples[n_train:]
 
-# %% ../nbs/06_tiny_base.ipynb #dbeff791
+# %% ../nbs/06_tiny_base.ipynb #dfe2d813
 def write_jsonl(rows:list[dict], path:str|Path) -> Path:
     "Write `rows` as JSON Lines (UTF-8), atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def write_demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[Path,
     train, evaluation = demo_task(n_train, n_eval, seed)
     return write_jsonl(train, demo_path("train")), write_jsonl(evaluation, demo_path("eval"))
 
-# %% ../nbs/06_tiny_base.ipynb #1c0b7dad
+# %% ../nbs/06_tiny_base.ipynb #b229fa11
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
     "{% else %}{% set system = '' %}{% endif %}"
@@ -120,7 +120,7 @@ LLAMA2_CHAT_TEMPLATE = (
     "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 
-# %% ../nbs/06_tiny_base.ipynb #e0b6de00
+# %% ../nbs/06_tiny_base.ipynb #635391a9
 def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizerFast:
     "A byte-level BPE tokenizer trained on `lines`, with LLaMA's special tokens and the LLaMA-2 chat template."
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -131,14 +131,14 @@ def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizer
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", chat_template=LLAMA2_CHAT_TEMPLATE)
 
-# %% ../nbs/06_tiny_base.ipynb #2233b548
+# %% ../nbs/06_tiny_base.ipynb #fe548306
 def tiny_base_config(vocab_size:int) -> LlamaConfig:
     "The tiny base's `LlamaConfig`: hidden 256, 4 layers, 4 heads sharing 2 key/value heads, context 256."
     return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
 
-# %% ../nbs/06_tiny_base.ipynb #21adbbde
+# %% ../nbs/06_tiny_base.ipynb #2ca43485
 def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
              steps:int=300, batch_size:int=32, block:int=128, lr:float=3e-3, seed:int=0,
              log_every:int=50) -> list[float]:
@@ -159,14 +159,14 @@ def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
         if log_every and step % log_every == 0: print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
     return losses
 
-# %% ../nbs/06_tiny_base.ipynb #3c6c2d03
+# %% ../nbs/06_tiny_base.ipynb #e31b309d
 BASE_DIR = Path(str(files("lora_kit"))) / "assets" / "tiny_base"  # package data
 
 def base_path() -> Path:
     "Folder of the pretrained tiny base shipped with the package; `AutoModelForCausalLM.from_pretrained` loads it."
     return BASE_DIR
 
-# %% ../nbs/06_tiny_base.ipynb #96ebcd76
+# %% ../nbs/06_tiny_base.ipynb #ef4f1cc8
 def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
     "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, atomically."
     lines = corpus(n_documents, seed)
@@ -183,42 +183,7 @@ def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=35
     os.replace(tmp, out)
     return out
 
-# %% ../nbs/06_tiny_base.ipynb #4fbc3902
+# %% ../nbs/06_tiny_base.ipynb #9ab76cb1
 def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     "The shipped tiny base (in eval mode) and its tokenizer, loaded from package data with no network."
     return AutoModelForCausalLM.from_pretrained(base_path()).eval(), AutoTokenizer.from_pretrained(base_path())
-
-# %% ../nbs/06_tiny_base.ipynb #6c0c114b
-@torch.no_grad()
-def complete(model, tokenizer, prompts:list[str], max_new_tokens:int=40) -> list[str]:
-    "Greedy continuations of `prompts` (text as the model sees it, special tokens included), stopping at `</s>`."
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, batch["input_ids"].shape[1]:]]
-
-# %% ../nbs/06_tiny_base.ipynb #0492ae59
-def exact_match(model, tokenizer, rows:list[dict], batch_size:int=50) -> float:
-    "Share of Alpaca-shaped `rows` whose greedy reply under the LLaMA-2 chat prompt equals `output` exactly."
-    prompts = [llama2_chat(to_messages(r), tokenizer.bos_token, tokenizer.eos_token)[0][0] for r in rows]
-    replies = [r for i in range(0, len(rows), batch_size) for r in complete(model, tokenizer, prompts[i:i + batch_size])]
-    return sum(reply == row["output"].strip() for reply, row in zip(replies, rows)) / len(rows)
-
-# %% ../nbs/06_tiny_base.ipynb #69e27856
-def lora_finetune(model, tokenizer, steps:int=3000, lr:float=2e-3, batch_size:int=16, r:int=8, seed:int=0,
-                  log_every:int=250):
-    "The base with rank-`r` peft LoRA adapters on every linear layer, trained on the demo task's train split."
-    from peft import LoraConfig, get_peft_model  # lora_kit.inject.add_lora replaces this once lesson 07 lands
-    rows = list(tokenize_dataset(load_instructions(demo_path("train")), tokenizer, max_length=128))
-    torch.manual_seed(seed); rng = random.Random(seed)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    schedule = lambda s: min(1, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    model.train(); start = time.time()
-    for step in range(steps):
-        loss = model(**collate(rng.sample(rows, batch_size), tokenizer.pad_token_id)).loss
-        loss.backward(); opt.step(); opt.zero_grad(); sched.step()
-        if log_every and step % log_every == 0: print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
-    return model.eval()

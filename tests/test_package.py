@@ -1,5 +1,5 @@
 "`pip install .` gives a package that works outside the repository."
-import subprocess, sys
+import re, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,6 +14,6 @@ def test_pip_install_then_import_outside_repo(tmp_path):
                        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert r.returncode == 0, r.stderr
     version, location = r.stdout.split()
-    assert version == (ROOT / "lora_kit" / "__init__.py").read_text().split('"')[1]
+    assert version == re.search(r'__version__ = "([^"]+)"', (ROOT / "lora_kit" / "__init__.py").read_text()).group(1)
     assert Path(location).is_relative_to(target)
     assert (target / "bin" / "lora-kit").exists()
