@@ -7,14 +7,14 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #664af078
+# %% ../nbs/cli.ipynb #697d66a4
 import argparse, json, sys
 from . import accounting
 from .bench import add_bench_arguments, bench_main
 from .finetune import DEMO_CONFIG, DEMO_TARGETS
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #bae636a4
+# %% ../nbs/cli.ipynb #5ad82895
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
@@ -26,7 +26,7 @@ def _positive_int(text:str) -> int:
     if not text.isdigit() or int(text) < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
-# %% ../nbs/cli.ipynb #4f20bc39
+# %% ../nbs/cli.ipynb #2bf11ef2
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -34,7 +34,7 @@ def estimate_args(args) -> dict:
                         args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #00372d5c
+# %% ../nbs/cli.ipynb #cf72d7c0
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -55,7 +55,7 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #7ea1087a
+# %% ../nbs/cli.ipynb #abb384de
 def _finetune_arguments(f):
     d = DEMO_CONFIG
     f.add_argument("--model", default="tiny", help="tiny (embedded), a local folder, or a Hub id")
@@ -94,7 +94,7 @@ def _finetune(args):
                        args.resume, config, epochs=args.epochs)
     print(summary(metrics, args.output))
 
-# %% ../nbs/cli.ipynb #cd6af826
+# %% ../nbs/cli.ipynb #ebe673c2
 def _generate(args):
     from lora_kit.finetune import generate, load_adapted
     model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
@@ -104,19 +104,23 @@ def _merge(args):
     from lora_kit.finetune import merge_adapter
     print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
 
-# %% ../nbs/cli.ipynb #8012fdf3
+# %% ../nbs/cli.ipynb #a27608fb
 def _app(args):
     import importlib.util, os, subprocess
     if importlib.util.find_spec("streamlit") is None:
         raise ImportError("lora-kit app needs streamlit: pip install 'lora_kit[app]'")
+    import tempfile
+    from pathlib import Path
     from lora_kit import app
-    env = {**os.environ, app.ENV_MODEL: args.model, **({app.ENV_ADAPTER: args.adapter} if args.adapter else {})}
+    env = {**os.environ, **{k: v for k, v in ((app.ENV_MODEL, args.model), (app.ENV_ADAPTER, args.adapter)) if v}}
+    page = Path(tempfile.mkdtemp()) / "lora_kit_app.py"
+    page.write_text(app.PAGE_SCRIPT)
     print(f"lora_kit app: http://127.0.0.1:{args.port}", flush=True)
-    subprocess.run([sys.executable, "-m", "streamlit", "run", app.__file__, "--server.address", "127.0.0.1",
+    subprocess.run([sys.executable, "-m", "streamlit", "run", str(page), "--server.address", "127.0.0.1",
                     "--server.port", str(args.port), "--server.headless", "true",
                     "--browser.gatherUsageStats", "false"], env=env, check=True)
 
-# %% ../nbs/cli.ipynb #47184e0a
+# %% ../nbs/cli.ipynb #73fdcb21
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -157,11 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("app", help="the Streamlit app: base vs adapter side by side, and what LoRA saves")
     a.add_argument("--port", type=_positive_int, default=8501)
     a.add_argument("--adapter", help="adapter folder (default: the demo adapter shipped with lora_kit)")
-    a.add_argument("--model", default="tiny", help="base model: tiny, a folder or a Hub id")
+    a.add_argument("--model", help="base model: tiny, a folder or a Hub id (default: the adapter's base)")
     a.set_defaults(run=_app)
     return p
 
-# %% ../nbs/cli.ipynb #980d3590
+# %% ../nbs/cli.ipynb #44cded0e
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `lora-kit` console script; returns the exit code."
     try:
@@ -172,5 +176,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #a3e916f9
+# %% ../nbs/cli.ipynb #c3cd58a6
 if __name__ == "__main__": sys.exit(main())

@@ -9,12 +9,12 @@ __all__ = ['require_bitsandbytes', 'nf4_levels', 'quantize_nf4', 'dequantize_nf4
            'bits_per_param', 'default_compute_dtype', 'nf4_config', 'load_4bit', 'prepare_for_kbit_training',
            'parameter_bytes']
 
-# %% ../nbs/08_qlora.ipynb #d6939d3d
+# %% ../nbs/08_qlora.ipynb #ecaf0c52
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-# %% ../nbs/08_qlora.ipynb #fc72e642
+# %% ../nbs/08_qlora.ipynb #2e49a21e
 def require_bitsandbytes():
     "Import and return bitsandbytes, or raise `ImportError` saying how to install it."
     try: import bitsandbytes
@@ -22,7 +22,7 @@ def require_bitsandbytes():
         raise ImportError("4-bit (QLoRA) needs bitsandbytes: pip install 'lora_kit[qlora]' (or pip install bitsandbytes).") from None
     return bitsandbytes
 
-# %% ../nbs/08_qlora.ipynb #ada050b5
+# %% ../nbs/08_qlora.ipynb #39ba7561
 def nf4_levels(offset:float=0.9677083) -> torch.Tensor:
     "The 16 NormalFloat4 levels in [-1, 1]: normal quantiles, 8 positive, 7 negative and an exact 0."
     ndtri = torch.special.ndtri
@@ -31,7 +31,7 @@ def nf4_levels(offset:float=0.9677083) -> torch.Tensor:
     levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
     return (levels / levels.max()).float()
 
-# %% ../nbs/08_qlora.ipynb #cd0cb16d
+# %% ../nbs/08_qlora.ipynb #4749cf1f
 def quantize_nf4(W:torch.Tensor, blocksize:int=64) -> tuple[torch.Tensor, torch.Tensor]:
     "Block-wise NF4 by hand: `(codes, absmax)`, a level index per weight and a scale per block of `blocksize`."
     blocks = W.float().reshape(-1, blocksize)
@@ -43,7 +43,7 @@ def dequantize_nf4(codes:torch.Tensor, absmax:torch.Tensor, shape) -> torch.Tens
     "Weights back from `quantize_nf4`'s codes and scales."
     return (nf4_levels()[codes.long()] * absmax[:, None]).reshape(shape)
 
-# %% ../nbs/08_qlora.ipynb #2adab95a
+# %% ../nbs/08_qlora.ipynb #d0599b40
 def relative_error(W:torch.Tensor, W_hat:torch.Tensor) -> float:
     "‖W − Ŵ‖ / ‖W‖ in the Frobenius norm."
     return (torch.linalg.norm(W - W_hat.float()) / torch.linalg.norm(W)).item()
@@ -54,14 +54,14 @@ def int8_roundtrip(W:torch.Tensor, blocksize:int=64) -> torch.Tensor:
     scale = blocks.abs().amax(dim=1, keepdim=True) / 127
     return ((blocks / scale).round().clamp(-127, 127) * scale).reshape(W.shape)
 
-# %% ../nbs/08_qlora.ipynb #c3eb8998
+# %% ../nbs/08_qlora.ipynb #3238f271
 def bits_per_param(packed:torch.Tensor, state, n:int) -> float:
     "Bits per weight bitsandbytes stores for `n` weights quantized to `(packed, state)` (per-layer code tables excluded)."
     parts = [packed, state.absmax]
     if state.nested: parts += [state.state2.absmax, state.offset]
     return 8 * sum(t.numel() * t.element_size() for t in parts) / n
 
-# %% ../nbs/08_qlora.ipynb #3de50597
+# %% ../nbs/08_qlora.ipynb #e20ccd12
 def default_compute_dtype() -> torch.dtype:
     "bf16 on GPUs that have it, fp16 on older GPUs (T4), fp32 on a CPU."
     if not torch.cuda.is_available(): return torch.float32
@@ -72,19 +72,23 @@ def nf4_config(compute_dtype:torch.dtype|None=None, double_quant:bool=True) -> B
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_compute_dtype=compute_dtype or default_compute_dtype())
 
-# %% ../nbs/08_qlora.ipynb #43c69c05
+# %% ../nbs/08_qlora.ipynb #95bc8fef
 def load_4bit(name_or_path:str, # a Hub id (in Colab) or a local checkpoint folder
               compute_dtype:torch.dtype|None=None, # default: `default_compute_dtype()`
               **kwargs, # passed to `AutoModelForCausalLM.from_pretrained`
              ) -> nn.Module:
     "Load a causal LM with NF4-quantized linear layers (QLoRA's base); the other weights in `compute_dtype`."
-    require_bitsandbytes()
+    bnb = require_bitsandbytes()
     dtype = compute_dtype or default_compute_dtype()
     device_map = {"": 0} if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=nf4_config(dtype), dtype=dtype,
-                                                device_map=device_map, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=nf4_config(dtype), dtype=dtype,
+                                                 device_map=device_map, **kwargs)
+    for layer in model.modules():  # bitsandbytes' fast CPU inference kernel needs 32 | out and 64 | in
+        if isinstance(layer, bnb.nn.Linear4bit) and (layer.out_features % 32 or layer.in_features % 64):
+            layer.support_avx512bf16_for_cpu = False  # others use its generic kernel (the tiny base's MLP is 688 wide)
+    return model
 
-# %% ../nbs/08_qlora.ipynb #72a39a8a
+# %% ../nbs/08_qlora.ipynb #ce408aad
 def prepare_for_kbit_training(model:nn.Module, # a model loaded in 4 or 8 bits
                               gradient_checkpointing:bool=False, # recompute activations in backward to save memory
                              ) -> nn.Module:
@@ -94,7 +98,7 @@ def prepare_for_kbit_training(model:nn.Module, # a model loaded in 4 or 8 bits
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph at the first block
     return model
 
-# %% ../nbs/08_qlora.ipynb #d06f6c0a
+# %% ../nbs/08_qlora.ipynb #222e1fca
 def parameter_bytes(model:nn.Module) -> int:
     "Bytes the parameters of `model` occupy (4-bit weights count as their packed storage)."
     return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -31,6 +31,7 @@ def readme_text(index: Path = INDEX) -> str:
         if cell.cell_type == "code":
             cell.source = "\n".join(l for l in cell.source.splitlines() if not _directive.match(l))
     body, _ = MarkdownExporter().from_notebook_node(nb)
+    body = body.replace("](images/", "](nbs/images/")  # images live beside the notebooks
     return HEADER + re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
 
 

@@ -1,0 +1,93 @@
+"The Streamlit app: AppTest drives the page headlessly; a real Chromium loads it from `lora-kit app`."
+import json, os, shutil, socket, subprocess, sys, time, urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit", reason="the app needs the app extra: pip install 'lora_kit[app]'")
+from streamlit.testing.v1 import AppTest
+
+import lora_kit.app as app
+from lora_kit.finetune import DEMO_ADAPTER
+
+
+
+@pytest.fixture
+def page(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    def make(adapter=str(DEMO_ADAPTER)):
+        monkeypatch.setenv(app.ENV_ADAPTER, adapter)
+        return AppTest.from_string(app.PAGE_SCRIPT, default_timeout=120).run()
+    return make
+
+
+def test_renders_with_defaults(page):
+    at = page()
+    assert not at.exception and not at.error
+    assert "base vs LoRA adapter" in at.title[0].value
+    assert [t.label for t in at.tabs] == ["Generate", "Efficiency", "Adapter"]
+
+
+def test_generate_shows_base_and_adapter_outputs(page):
+    metrics = json.loads((DEMO_ADAPTER / "metrics.json").read_text())
+    right = next(s for s in metrics["samples"] if s["generated"] == s["expected"])  # one the adapter translates
+    at = page()
+    at.checkbox[0].uncheck()  # the prompt below is already in the chat template
+    at.text_area[0].input(right["prompt_text"]).run()
+    at.button[0].click().run()
+    assert not at.exception
+    base, adapter = [c.value for c in at.code][:2]
+    assert adapter == right["expected"] and base != adapter
+
+
+def test_bad_adapter_path_shows_an_error_and_keeps_running(page, tmp_path):
+    at = page(str(tmp_path / "no-adapter-here"))
+    assert not at.exception
+    assert "No adapter_config.json" in at.error[0].value
+
+
+def test_rank_slider_changes_the_numbers(page):
+    at = page()
+    before = at.metric[0].value
+    at.select_slider[0].set_value(64).run()
+    assert not at.exception and at.metric[0].value != before
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_real_browser_sees_title_and_two_outputs(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", "app", "--port", str(port)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2); break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the app did not start"
+                time.sleep(0.5)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            tab = browser.new_page(viewport={"width": 1300, "height": 900})
+            tab.goto(f"http://127.0.0.1:{port}", timeout=60_000)
+            tab.get_by_role("button", name="Generate").click(timeout=120_000)
+            outputs = tab.locator("[data-testid='stCode']")
+            outputs.nth(1).wait_for(timeout=120_000)  # the base's and the adapter's generations
+            assert tab.title() == "lora_kit: LoRA on LLaMA-2"
+            assert tab.get_by_text("Base + adapter").count() == 1 and outputs.count() >= 2
+            tab.screenshot(path=os.environ.get("LORA_KIT_APP_SCREENSHOT", str(tmp_path / "app.png")), full_page=True)
+            browser.close()
+    finally:
+        server.terminate(); server.wait(timeout=30)
