@@ -7,14 +7,14 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #697d66a4
-import argparse, json, sys
+# %% ../nbs/cli.ipynb #31d81baf
+import argparse, json, os, sys
 from . import accounting
 from .bench import add_bench_arguments, bench_main
 from .finetune import DEMO_CONFIG, DEMO_TARGETS
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #5ad82895
+# %% ../nbs/cli.ipynb #18d3fadd
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
@@ -26,7 +26,7 @@ def _positive_int(text:str) -> int:
     if not text.isdigit() or int(text) < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
-# %% ../nbs/cli.ipynb #2bf11ef2
+# %% ../nbs/cli.ipynb #b0753351
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -34,7 +34,7 @@ def estimate_args(args) -> dict:
                         args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #cf72d7c0
+# %% ../nbs/cli.ipynb #e3ba3a2f
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -55,7 +55,7 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #abb384de
+# %% ../nbs/cli.ipynb #81e3d5f3
 def _finetune_arguments(f):
     d = DEMO_CONFIG
     f.add_argument("--model", default="tiny", help="tiny (embedded), a local folder, or a Hub id")
@@ -94,7 +94,7 @@ def _finetune(args):
                        args.resume, config, epochs=args.epochs)
     print(summary(metrics, args.output))
 
-# %% ../nbs/cli.ipynb #ebe673c2
+# %% ../nbs/cli.ipynb #44dead8a
 def _generate(args):
     from lora_kit.finetune import generate, load_adapted
     model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
@@ -104,7 +104,7 @@ def _merge(args):
     from lora_kit.finetune import merge_adapter
     print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
 
-# %% ../nbs/cli.ipynb #a27608fb
+# %% ../nbs/cli.ipynb #f9b10d16
 def _app(args):
     import importlib.util, os, subprocess
     if importlib.util.find_spec("streamlit") is None:
@@ -120,7 +120,7 @@ def _app(args):
                     "--server.port", str(args.port), "--server.headless", "true",
                     "--browser.gatherUsageStats", "false"], env=env, check=True)
 
-# %% ../nbs/cli.ipynb #73fdcb21
+# %% ../nbs/cli.ipynb #7011d4b9
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -165,16 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(run=_app)
     return p
 
-# %% ../nbs/cli.ipynb #44cded0e
+# %% ../nbs/cli.ipynb #2f00ef5e
+def _quiet_library_bars():
+    "Hide the libraries' loading bars (weights, dataset maps): stderr keeps the training bar and the one-line errors."
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is first imported
+    if "datasets" in sys.modules: sys.modules["datasets"].disable_progress_bars()
+
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `lora-kit` console script; returns the exit code."
     try:
         args = build_parser().parse_args(argv)
+        _quiet_library_bars()
         args.run(args)
     except (UsageError, ValueError, FileNotFoundError, ImportError) as e:  # the library's errors for bad input
         print(" ".join(str(e).split()), file=sys.stderr)
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #c3cd58a6
+# %% ../nbs/cli.ipynb #9ef475a4
 if __name__ == "__main__": sys.exit(main())

@@ -9,7 +9,7 @@ __all__ = ['DEMO_TARGETS', 'DEMO_ADAPTER', 'DEMO_CONFIG', 'BadInput', 'resolve_m
            'prompt_and_reference', 'exact_match', 'hold_out', 'flops_per_step', 'finetune', 'summary',
            'build_demo_adapter', 'merge_adapter']
 
-# %% ../nbs/12_finetune.ipynb #e02abaab
+# %% ../nbs/12_finetune.ipynb #2cc2e75d
 import json, math, shutil, tempfile
 from dataclasses import replace
 from functools import partial
@@ -29,7 +29,7 @@ DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEMO_ADAPTER = Path(str(files("lora_kit"))) / "assets" / "demo_adapter"  # made by `build_demo_adapter`
 DEMO_CONFIG = TrainConfig(max_steps=1500, lr=5e-3, batch_size=16, warmup_steps=20)
 
-# %% ../nbs/12_finetune.ipynb #bcb91989
+# %% ../nbs/12_finetune.ipynb #46d3cef2
 class BadInput(ValueError):
     "Input a user must fix (a path, a file, a flag); the CLI prints it on one line and exits with 2."
 
@@ -46,7 +46,7 @@ def resolve_model(model:str) -> str:
         return str(path.resolve())
     return model
 
-# %% ../nbs/12_finetune.ipynb #20abf054
+# %% ../nbs/12_finetune.ipynb #9a03ceba
 def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
               four_bit:bool=False, # NF4 base for QLoRA (needs bitsandbytes)
               dtype:torch.dtype|None=None, # weights' dtype; default fp32 on CPU, bf16/fp16 on GPU
@@ -66,7 +66,7 @@ def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
     if torch.cuda.is_available(): base = base.cuda()
     return base, tokenizer
 
-# %% ../nbs/12_finetune.ipynb #598b9882
+# %% ../nbs/12_finetune.ipynb #dbdba34c
 def load_adapted(adapter:str|Path, # an adapter folder (peft format)
                  model:str|None=None, # override the base the adapter names
                  four_bit:bool=False):
@@ -95,7 +95,7 @@ def generate(model, tokenizer,
                          pad_token_id=tokenizer.pad_token_id, **sampling)
     return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 
-# %% ../nbs/12_finetune.ipynb #b9c500c4
+# %% ../nbs/12_finetune.ipynb #7e62f2ab
 def prompt_and_reference(messages:list[dict], tokenizer, template="llama2") -> tuple[str, str]:
     "The exact prompt text for the first reply of `messages` under `template`, and that reply."
     segments = get_template(template, tokenizer)(messages, bos=tokenizer.bos_token, eos=tokenizer.eos_token)
@@ -113,7 +113,7 @@ def exact_match(model, tokenizer, conversations:list[list[dict]], template="llam
         samples += [dict(prompt_text=p, expected=e, generated=g) for (p, e), g in zip(chunk, outputs)]
     return sum(s["generated"] == s["expected"] for s in samples) / max(len(samples), 1), samples
 
-# %% ../nbs/12_finetune.ipynb #5775d911
+# %% ../nbs/12_finetune.ipynb #7a31d92a
 def _rows(source, tokenizer, template, max_length):
     "Conversations and tokenized training rows of `source`."
     ds = load_instructions(source)
@@ -125,7 +125,7 @@ def hold_out(conversations:list, rows:list, share:float=0.05, seed:int=0):
     keep = lambda xs, inside: [x for i, x in enumerate(xs) if (i in held) == inside]
     return keep(rows, False), keep(conversations, True), keep(rows, True)
 
-# %% ../nbs/12_finetune.ipynb #5b359068
+# %% ../nbs/12_finetune.ipynb #d2d4ff4e
 def flops_per_step(model:str, method:str, rank:int, targets, rows:list[dict], config:TrainConfig) -> dict|None:
     "Training FLOPs per step of `method` and of full fine-tuning for this data's mean length (None if not a LLaMA)."
     try:
@@ -135,7 +135,7 @@ def flops_per_step(model:str, method:str, rank:int, targets, rows:list[dict], co
         return {m: estimate(str(path), m, **setup)["flops_per_step"] for m in (method, "full")}
     except (ValueError, OSError): return None  # a Hub id (config not local) or an architecture accounting does not know
 
-# %% ../nbs/12_finetune.ipynb #32cb2786
+# %% ../nbs/12_finetune.ipynb #ebb04989
 def finetune(model:str="tiny", # `tiny`, a local folder or a Hub id
              data:str|None=None, # training file (.jsonl/.json/.csv) or Hub dataset; default: the bundled demo task
              eval_data:str|None=None, # held-out file; default: the demo's eval split, or 5% of `data`
@@ -158,6 +158,7 @@ def finetune(model:str="tiny", # `tiny`, a local folder or a Hub id
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     before_loss, (before_acc, _) = evaluate_loss(base, eval_rows, collate_fn), exact_match(base.eval(), tokenizer, eval_conv, template)
     if four_bit: prepare_for_kbit_training(base, config.grad_checkpointing)
+    torch.manual_seed(config.seed)  # the adapters' initial A: the same run gives the same adapter
     add_lora(base, targets, r=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
     try: result = train(base, train_rows, eval_rows, config, output_dir=output, resume_from=output if resume else None,
                         collate_fn=collate_fn)
@@ -175,7 +176,7 @@ def finetune(model:str="tiny", # `tiny`, a local folder or a Hub id
     atomic_write(output / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics
 
-# %% ../nbs/12_finetune.ipynb #5c119f72
+# %% ../nbs/12_finetune.ipynb #5a9372d6
 def summary(metrics:dict, output:str|Path) -> str:
     "What a fine-tune did, in a few lines: parameters, FLOPs, memory, time, accuracy, files."
     m, flops = metrics, metrics.get("flops_per_step")
@@ -190,7 +191,7 @@ def summary(metrics:dict, output:str|Path) -> str:
               f"wrote {Path(output) / 'adapter_model.safetensors'}, adapter_config.json, metrics.json, loss.png"]
     return "\n".join(lines)
 
-# %% ../nbs/12_finetune.ipynb #ebb63b3d
+# %% ../nbs/12_finetune.ipynb #bc1979d2
 def build_demo_adapter(out:str|Path=DEMO_ADAPTER) -> dict:
     "Run the default fine-tune and keep its adapter, metrics and loss plot in `out` (base recorded as `tiny`)."
     work = Path(tempfile.mkdtemp())
@@ -203,7 +204,7 @@ def build_demo_adapter(out:str|Path=DEMO_ADAPTER) -> dict:
     shutil.rmtree(work)
     return metrics
 
-# %% ../nbs/12_finetune.ipynb #93ca3aee
+# %% ../nbs/12_finetune.ipynb #995a02c7
 def merge_adapter(adapter:str|Path, # an adapter folder
                   output:str|Path, # where the merged model goes; must not exist yet
                   model:str|None=None, # override the base the adapter names

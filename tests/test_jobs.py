@@ -60,3 +60,21 @@ def test_bad_input_exits_2_with_one_line(adapter, tmp_path, args, reason):
     r = lora_kit(*(a.format(tmp=tmp_path, adapter=adapter) for a in args))
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and reason in r.stderr and "Traceback" not in r.stderr
+
+
+def test_finetune_output_folder_loads_in_peft_and_has_the_metrics(tmp_path):
+    import json
+    from dataclasses import replace
+    from peft import AutoPeftModelForCausalLM
+    from lora_kit.finetune import DEMO_CONFIG, finetune
+    finetune(output=tmp_path, eval_examples=12, config=replace(DEMO_CONFIG, max_steps=3))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("base_model", "trainable_params", "total_params", "steps", "train_seconds", "tokens_per_second",
+                "peak_memory_bytes", "eval_loss_before", "eval_loss_after", "eval_accuracy_before", "eval_accuracy_after"):
+        assert key in metrics, key
+    assert len(metrics["samples"]) >= 10 and set(metrics["samples"][0]) == {"prompt_text", "expected", "generated"}
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    theirs = AutoPeftModelForCausalLM.from_pretrained(tmp_path)  # offline: the base is named by its local path
+    ours, tok = load_adapted(tmp_path)
+    ids = tok(metrics["samples"][0]["prompt_text"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad(): assert (theirs(ids).logits - ours(ids).logits).abs().max() < 1e-5

@@ -1,0 +1,96 @@
+"""The bad-input catalogue at the command line: every case exits 2 with one line naming the cause, no traceback.
+
+Library-level checks of the same causes are in test_adapter_errors.py (adapter folders), test_data.py (data files),
+test_qlora.py (bitsandbytes missing), test_reliability.py (checkpoints) and the lessons (ranks, alpha, dropout)."""
+import json, subprocess, sys
+
+import pytest
+
+from lora_kit.cli import main
+from lora_kit.core import tiny_llama
+from lora_kit.inject import add_lora, save_adapter
+
+GOOD = {"instruction": "Translate to Indonesian:", "input": "i drink your coffee.", "output": "saya minum kopi kamu."}
+
+
+def lines(path, *rows, raw=None):
+    path.write_bytes(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return str(path)
+
+
+def cases(tmp):
+    adapter = save_adapter(add_lora(tiny_llama(), ["q_proj"], r=2), tmp / "adapter", base_model_name_or_path="tiny")
+    (tmp / "no-config").mkdir()
+    return {
+        "rank 0": (["finetune", "--rank", "0"], "must be an integer >= 1"),
+        "rank negative": (["finetune", "--rank", "-3"], "must be an integer >= 1"),
+        "rank larger than the layer": (["finetune", "--rank", "4096", "--data", lines(tmp / "ok.jsonl", GOOD)], "r=4096"),
+        "alpha <= 0": (["finetune", "--alpha", "0", "--data", lines(tmp / "ok2.jsonl", GOOD)], "alpha"),
+        "dropout 1": (["finetune", "--dropout", "1.0", "--data", lines(tmp / "ok3.jsonl", GOOD)], "dropout"),
+        "targets match nothing": (["finetune", "--targets", "query_key_value", "--data", lines(tmp / "ok4.jsonl", GOOD)], "matched no module"),
+        "target is not Linear": (["finetune", "--targets", "self_attn", "--data", lines(tmp / "ok5.jsonl", GOOD)], "nn.Linear layers only"),
+        "data file missing": (["finetune", "--data", str(tmp / "missing.jsonl")], "missing.jsonl"),
+        "data file empty": (["finetune", "--data", lines(tmp / "empty.jsonl", raw=b"")], "no examples"),
+        "wrong columns": (["finetune", "--data", lines(tmp / "cols.jsonl", {"question": "a", "answer": "b"})], "line 1"),
+        "empty response": (["finetune", "--data", lines(tmp / "blank.jsonl", GOOD | {"output": "  "})], "empty response"),
+        "not UTF-8": (["finetune", "--data", lines(tmp / "latin.jsonl", raw='{"instruction": "caf\xe9"}\n'.encode("latin-1"))], "UTF-8"),
+        "model folder without config": (["finetune", "--model", str(tmp / "no-config")], "no config.json"),
+        "max-steps 0": (["finetune", "--max-steps", "0"], "must be an integer >= 1"),
+        "fp16 on CPU": (["finetune", "--precision", "fp16", "--data", lines(tmp / "ok6.jsonl", *[GOOD] * 40)], "fp16"),
+        "adapter folder missing": (["generate", "--adapter", str(tmp / "nowhere"), "--prompt", "x"], "No adapter_config.json"),
+        "adapter config not JSON": (["generate", "--adapter", str(adapter), "--prompt", "x"], "not valid JSON"),
+        "merge onto an existing folder": (["merge", "--adapter", str(tmp / "adapter"), "--output", str(tmp)], "already exists"),
+        "estimate unknown preset": (["estimate", "--model", "llama-9"], "neither a preset"),
+        "estimate seq-len 0": (["estimate", "--seq-len", "0"], "seq_len"),
+        "unknown subcommand": (["frobnicate"], "invalid choice"),
+        "bench threads 0": (["bench", "--threads", "0"], "--threads must be >= 1"),
+    }
+
+
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    out = cases(tmp)
+    (tmp / "adapter" / "adapter_config.json").write_text("{r: 2,")  # for "adapter config not JSON"
+    return out
+
+
+CASE_NAMES = ["rank 0", "rank negative", "rank larger than the layer", "alpha <= 0", "dropout 1", "targets match nothing",
+              "target is not Linear", "data file missing", "data file empty", "wrong columns", "empty response",
+              "not UTF-8", "model folder without config", "max-steps 0", "fp16 on CPU", "adapter folder missing",
+              "adapter config not JSON", "merge onto an existing folder", "estimate unknown preset",
+              "estimate seq-len 0", "unknown subcommand", "bench threads 0"]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_cli_bad_input_exits_2_with_one_line(catalogue, capsys, name):
+    argv, cause = catalogue[name]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and cause in err and "Traceback" not in err, err
+
+
+def test_4bit_without_bitsandbytes_exits_2_with_the_install_command():
+    code = ("import sys; sys.modules['bitsandbytes'] = None\n"
+            "from lora_kit.cli import main; sys.exit(main(['finetune', '--4bit', '--max-steps', '1']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("pip install 'lora_kit[qlora]' (or pip install bitsandbytes).")
+    assert "Traceback" not in r.stderr
+
+
+def test_remote_code_runs_only_when_asked(tmp_path):
+    from lora_kit.core import byte_tokenizer
+    from lora_kit.finetune import load_base
+    tiny_llama().save_pretrained(tmp_path); byte_tokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig as EvilConfig\n")
+    (tmp_path / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                                            "AutoModelForCausalLM": "evil.EvilConfig"}}))
+    model, _ = load_base(str(tmp_path))
+    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists(), "remote code ran without trust_remote_code"
+    try: load_base(str(tmp_path), trust_remote_code=True)
+    except Exception: pass  # the planted module is not a real model class; what matters is whether it ran
+    assert marker.exists(), "with trust_remote_code=True the model's own code is imported (so the check above can fail)"
