@@ -80,17 +80,30 @@ def test_4bit_without_bitsandbytes_exits_2_with_the_install_command():
     assert "Traceback" not in r.stderr
 
 
+REMOTE_CODE_CHECK = """
+import json, sys
+from pathlib import Path
+from lora_kit.core import byte_tokenizer, tiny_llama
+from lora_kit.finetune import load_base
+folder = Path(sys.argv[1])
+tiny_llama().save_pretrained(folder); byte_tokenizer().save_pretrained(folder)
+marker = folder / "ran"
+(folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\\n"
+                                "from transformers import LlamaConfig\\nclass EvilConfig(LlamaConfig): pass\\n")
+config = json.loads((folder / "config.json").read_text())
+(folder / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+model, _ = load_base(str(folder))
+print(type(model).__name__, marker.exists())
+try: load_base(str(folder), trust_remote_code=True)
+except Exception: pass  # the planted module is not a real model; what matters is whether it ran
+print(marker.exists())
+"""
+
+
 def test_remote_code_runs_only_when_asked(tmp_path):
-    from lora_kit.core import byte_tokenizer
-    from lora_kit.finetune import load_base
-    tiny_llama().save_pretrained(tmp_path); byte_tokenizer().save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    marker = tmp_path / "ran"
-    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig as EvilConfig\n")
-    (tmp_path / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoConfig": "evil.EvilConfig",
-                                                                            "AutoModelForCausalLM": "evil.EvilConfig"}}))
-    model, _ = load_base(str(tmp_path))
-    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists(), "remote code ran without trust_remote_code"
-    try: load_base(str(tmp_path), trust_remote_code=True)
-    except Exception: pass  # the planted module is not a real model class; what matters is whether it ran
-    assert marker.exists(), "with trust_remote_code=True the model's own code is imported (so the check above can fail)"
+    # in a subprocess: trusting remote code registers classes globally in transformers
+    r = subprocess.run([sys.executable, "-c", REMOTE_CODE_CHECK, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    without, with_trust = r.stdout.strip().splitlines()[-2:]
+    assert without == "LlamaForCausalLM False", "remote code ran without trust_remote_code"
+    assert with_trust == "True", "with trust_remote_code=True the model's own code runs (so the check above can fail)"
