@@ -9,7 +9,7 @@ __all__ = ['CHECKPOINTS', 'loss_sum', 'step_indices', 'TrainConfig', 'lr_factor'
            'checkpoints', 'latest_checkpoint', 'load_checkpoint', 'resume', 'peak_memory_bytes', 'evaluate_loss',
            'NonFiniteLossError', 'check_finite', 'train', 'plot_history']
 
-# %% ../nbs/07_train.ipynb #34ed5943
+# %% ../nbs/07_train.ipynb #22638ee5
 import math, os, resource, shutil, time, warnings
 from functools import partial
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from .data import collate
 from .efficient import causal_lm_loss
 from .inject import save_adapter, load_adapter_weights
 
-# %% ../nbs/07_train.ipynb #d8c621c2
+# %% ../nbs/07_train.ipynb #e1fb2789
 def loss_sum(model, batch:dict) -> tuple[torch.Tensor, torch.Tensor]:
     "Summed next-token cross-entropy over target tokens (labels ≠ −100), and their count."
     targets = batch["labels"][:, 1:]
@@ -36,21 +36,21 @@ def loss_sum(model, batch:dict) -> tuple[torch.Tensor, torch.Tensor]:
     else: loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], reduction="sum")
     return loss, (targets != -100).sum()
 
-# %% ../nbs/07_train.ipynb #aa6eb949
+# %% ../nbs/07_train.ipynb #0c67bf29
 def step_indices(step:int, # optimizer step, from 0
                  n_examples:int, batch_size:int, grad_accum:int=1, world_size:int=1, seed:int=0,
                 ) -> list[list[list[int]]]:
     "Example indices of `step` as `[micro_step][rank] -> indices`, from seeded per-epoch shuffles."
     per_step = batch_size * grad_accum * world_size
-    start, out = step * per_step, []
+    start, out, perms = step * per_step, [], {}
     for i in range(start, start + per_step):
         epoch, pos = divmod(i, n_examples)
-        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(perm[pos].item())
+        if epoch not in perms: perms[epoch] = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append(perms[epoch][pos].item())
     chunks = [out[i:i + batch_size] for i in range(0, per_step, batch_size)]
     return [chunks[m * world_size:(m + 1) * world_size] for m in range(grad_accum)]
 
-# %% ../nbs/07_train.ipynb #d4f3ed4e
+# %% ../nbs/07_train.ipynb #79e1da04
 @dataclass
 class TrainConfig:
     max_steps:int=100 # optimizer steps
@@ -74,7 +74,7 @@ class TrainConfig:
         if self.precision not in ("no", "bf16", "fp16"): raise ValueError(f"precision must be no, bf16 or fp16, got {self.precision!r}")
         if self.schedule not in ("cosine", "linear"): raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
 
-# %% ../nbs/07_train.ipynb #9d37db42
+# %% ../nbs/07_train.ipynb #043753fe
 def lr_factor(step:int, warmup_steps:int, total_steps:int, kind:str="cosine") -> float:
     "Multiplier of the peak learning rate at optimizer step `step`."
     if step < warmup_steps: return step / max(1, warmup_steps)
@@ -85,7 +85,7 @@ def warmup_schedule(optimizer, warmup_steps:int, total_steps:int, kind:str="cosi
     "A `LambdaLR` following `lr_factor`."
     return LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, kind))
 
-# %% ../nbs/07_train.ipynb #80ee48da
+# %% ../nbs/07_train.ipynb #e08d0869
 CHECKPOINTS = "checkpoints"
 
 def save_checkpoint(output_dir:Path, step:int, model, optimizer, scheduler, accelerator:Accelerator) -> Path:
@@ -104,7 +104,7 @@ def save_checkpoint(output_dir:Path, step:int, model, optimizer, scheduler, acce
     accelerator.wait_for_everyone()
     return final
 
-# %% ../nbs/07_train.ipynb #0abc216f
+# %% ../nbs/07_train.ipynb #65d38ea4
 def checkpoints(output_dir:str|Path) -> list[Path]:
     "Complete checkpoint folders under `output_dir/checkpoints`, oldest first (unfinished `.tmp` ones left out)."
     return sorted(p for p in (Path(output_dir) / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
@@ -136,7 +136,7 @@ def resume(resume_from:str|Path, fallback:bool, *state) -> int:
             if not fallback or i == len(candidates) - 1: raise
             warnings.warn(f"{e} Falling back to {candidates[i + 1].name}.")
 
-# %% ../nbs/07_train.ipynb #2b4f8b9f
+# %% ../nbs/07_train.ipynb #0d801038
 def peak_memory_bytes() -> int:
     "Peak memory so far: CUDA allocator peak on GPU, else the process's peak RSS."
     if torch.cuda.is_available(): return torch.cuda.max_memory_allocated()
@@ -153,7 +153,7 @@ def evaluate_loss(model, examples:list[dict], collate_fn, batch_size:int=16) -> 
     model.train(was_training)
     return total / max(count, 1)
 
-# %% ../nbs/07_train.ipynb #a8d1c956
+# %% ../nbs/07_train.ipynb #70acf3d6
 class NonFiniteLossError(FloatingPointError):
     "Training stopped because the loss was `nan` or `inf`; the model holds the weights from before that step."
 
@@ -164,7 +164,7 @@ def check_finite(loss:float, step:int):
                                  "last good one. Try a lower learning rate, precision 'bf16' or 'no' instead of 'fp16', "
                                  "or a smaller max_grad_norm.")
 
-# %% ../nbs/07_train.ipynb #b1bb7128
+# %% ../nbs/07_train.ipynb #41f6ab59
 def _targets(examples, indices): return sum(sum(1 for t in examples[i]["labels"][1:] if t != -100) for i in indices)
 
 def train(model, # a model with LoRA adapters (or any model: whatever has requires_grad trains)
@@ -230,7 +230,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
                 peak_memory_bytes=peak_memory_bytes(), trainable_params=count_params(model, trainable_only=True),
                 total_params=count_params(model), world_size=W, history=history, **final)
 
-# %% ../nbs/07_train.ipynb #ec1c1e9f
+# %% ../nbs/07_train.ipynb #50ee1a8f
 def plot_history(history:list[dict], # `train(...)["history"]`
                  path:str|Path|None=None, # also save the figure here (PNG, written atomically)
                 ):
