@@ -7,19 +7,24 @@ Docs: https://lora-kit.github.io/lora_kit/bench.html.md"""
 # %% auto #0
 __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'DEFAULT_METHODS', 'LORA_METHODS', 'bench_llama', 'hf_loss', 'chunked_loss',
            'Trainee', 'time_interleaved', 'peak_step_bytes', 'saved_activation_bytes', 'inference_latency', 'run_bench',
-           'format_bench', 'add_bench_arguments', 'bench_main', 'main']
+           'format_bench', 'add_bench_arguments', 'bench_main', 'main', 'demo_trainee', 'rank_sweep', 'plot_rank_sweep']
 
-# %% ../nbs/10b_bench.ipynb #a2ca10ad
-import argparse, json, platform, statistics, time
+# %% ../nbs/10b_bench.ipynb #47504048
+import argparse, json, platform, statistics, tempfile, time
+from pathlib import Path
 import torch
 from torch.profiler import profile, ProfilerActivity
+from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 from .core import atomic_write, count_params, tiny_llama_config
 from .layers import LoRALinear
 from .efficient import SavedTensorLog, causal_lm_loss, count_flops
 from .inject import add_lora, merge_lora
+from .data import collate, demo_path, load_instructions, tokenize_dataset
+from .train import TrainConfig
+from .finetune import DEMO_CONFIG, DEMO_TARGETS, finetune, load_base
 
-# %% ../nbs/10b_bench.ipynb #1bd34256
+# %% ../nbs/10b_bench.ipynb #6b51377c
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=8)
 TINY_MODEL = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -31,7 +36,7 @@ def bench_llama(seed:int=0, # the same seed gives the same weights
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**(BENCH_MODEL | config))).to(device)
 
-# %% ../nbs/10b_bench.ipynb #d6bf447d
+# %% ../nbs/10b_bench.ipynb #069c875a
 def hf_loss(model, ids): return model(input_ids=ids, labels=ids).loss
 def chunked_loss(model, ids): return causal_lm_loss(model, ids, ids)
 
@@ -49,14 +54,18 @@ METHODS = {  # name: (make the model trainable, loss)
 DEFAULT_METHODS = ("full", "full+chunked", "peft", "lora_kit", "efficient")
 LORA_METHODS = ("peft", "lora_kit", "efficient", "peft+chunked", "efficient+hf")
 
-# %% ../nbs/10b_bench.ipynb #2477dc5a
+# %% ../nbs/10b_bench.ipynb #899bec2c
 class Trainee:
-    "A model made trainable by `method`, with AdamW; `step()` is forward, backward, optimizer step, zero_grad."
-    def __init__(self, method:str, ids:torch.Tensor, r:int=8, alpha:float=16, dropout:float=0.0, model_config:dict|None=None):
-        make_trainable, self.loss_fn = METHODS[method]
-        self.model = make_trainable(bench_llama(device=ids.device, **(model_config or {})), r, alpha, dropout).train()
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
-        self.ids = ids
+    "A model, its loss on a fixed batch `ids` and AdamW over what is trainable; `step()` is forward, backward, optimizer step, zero_grad."
+    def __init__(self, model, loss_fn, ids:torch.Tensor):
+        self.model, self.loss_fn, self.ids = model.train(), loss_fn, ids
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    @classmethod
+    def for_method(cls, method:str, ids:torch.Tensor, r:int=8, alpha:float=16, dropout:float=0.0, model_config:dict|None=None):
+        "The benchmark model made trainable by `method` (a name in `METHODS`), with that method's loss."
+        make_trainable, loss_fn = METHODS[method]
+        return cls(make_trainable(bench_llama(device=ids.device, **(model_config or {})), r, alpha, dropout), loss_fn, ids)
 
     def step(self) -> torch.Tensor:
         loss = self.loss_fn(self.model, self.ids)
@@ -71,7 +80,7 @@ class Trainee:
                    *(t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
         return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}.values())
 
-# %% ../nbs/10b_bench.ipynb #d7f829d5
+# %% ../nbs/10b_bench.ipynb #b30b89df
 def _sync(device):
     if torch.device(device).type == "cuda": torch.cuda.synchronize()
 
@@ -88,7 +97,7 @@ def time_interleaved(fns:dict, # name: function to time
             times[name]["wall"].append(time.perf_counter() - wall); times[name]["cpu"].append(time.process_time() - cpu)
     return times
 
-# %% ../nbs/10b_bench.ipynb #508d1b11
+# %% ../nbs/10b_bench.ipynb #8b079d2e
 def _profiled_peak_bytes(fn) -> int:
     "Highest net bytes allocated (allocations minus frees) by torch's CPU allocator during `fn()`."
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
@@ -109,7 +118,7 @@ def peak_step_bytes(trainee:Trainee) -> int:
     else: climb = _profiled_peak_bytes(trainee.step)
     return trainee.state_bytes() + climb
 
-# %% ../nbs/10b_bench.ipynb #4d5206aa
+# %% ../nbs/10b_bench.ipynb #cb72439f
 def saved_activation_bytes(trainee:Trainee) -> int:
     "Bytes autograd saves for backward in one forward pass of the trainee's loss (each storage once, no parameters)."
     with SavedTensorLog(trainee.model) as log: trainee.loss_fn(trainee.model, trainee.ids)
@@ -135,7 +144,7 @@ def inference_latency(ids:torch.Tensor, r:int=8, repeats:int=15, model_config:di
             f"merged/base {clock}": median["merged"] / median["base"], f"unmerged/base {clock}": median["unmerged"] / median["base"]}
     return out
 
-# %% ../nbs/10b_bench.ipynb #c69ab05c
+# %% ../nbs/10b_bench.ipynb #664e5b01
 def _ratio(a, b): return a / b if b else float("nan")
 
 def _ratios(methods:dict, dropouts) -> dict:
@@ -167,7 +176,7 @@ def run_bench(methods=DEFAULT_METHODS, # names in `METHODS`
     trainees = {}
     for m in methods:
         for p in ([None] if m not in LORA_METHODS else dropouts):
-            trainees[m if p is None else f"{m} p={p}"] = Trainee(m, ids, r, alpha, p or 0.0, config)
+            trainees[m if p is None else f"{m} p={p}"] = Trainee.for_method(m, ids, r, alpha, p or 0.0, config)
     times = time_interleaved({name: t.step for name, t in trainees.items()}, repeats, device)
     results = {name: dict(step_s=statistics.median(times[name]["wall"]), step_cpu_s=statistics.median(times[name]["cpu"]),
                           step_s_all=times[name]["wall"], step_cpu_s_all=times[name]["cpu"],
@@ -182,12 +191,12 @@ def run_bench(methods=DEFAULT_METHODS, # names in `METHODS`
         methods=results, ratios=_ratios(results, dropouts),
         inference=inference_latency(ids[:1], r, 3 * repeats, config) if inference else None)
 
-# %% ../nbs/10b_bench.ipynb #d2bb3fc9
+# %% ../nbs/10b_bench.ipynb #5b48fd05
 def _cpu_name() -> str:
     try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration): return platform.processor() or "unknown"
 
-# %% ../nbs/10b_bench.ipynb #e7116031
+# %% ../nbs/10b_bench.ipynb #b721fad8
 def format_bench(result:dict) -> str:
     "Markdown tables of a `run_bench` result: per method, the target ratios, and inference latency."
     s = result["setup"]
@@ -210,7 +219,7 @@ def format_bench(result:dict) -> str:
                       f"merged {inf[f'merged_{clock}_s'] * 1e3:.1f} ms ({inf[f'merged/base {clock}']:.3f}x)"]
     return "\n".join(lines)
 
-# %% ../nbs/10b_bench.ipynb #b950e47e
+# %% ../nbs/10b_bench.ipynb #0e02232b
 def _floats(text:str) -> list[float]:
     try: values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
@@ -255,5 +264,49 @@ def main(argv:list[str]|None=None):
     try: bench_main(args)
     except ValueError as e: parser.error(str(e))
 
-# %% ../nbs/10b_bench.ipynb #611e5a8b
+# %% ../nbs/10b_bench.ipynb #1ae0b0fd
 if __name__ == "__main__": main()
+
+# %% ../nbs/10b_bench.ipynb #82df339b
+def demo_trainee(rank:int, # LoRA rank
+                 targets=DEMO_TARGETS, batch_size:int=16, seed:int=0) -> Trainee:
+    "The tiny base with rank-`rank` adapters (alpha = 2r) on `targets`, on a batch of the demo task's first examples."
+    model, tokenizer = load_base("tiny")
+    rows = tokenize_dataset(load_instructions(demo_path("train")), tokenizer).select(range(batch_size)).to_list()
+    torch.manual_seed(seed)
+    add_lora(model, targets, r=rank, alpha=2 * rank)
+    return Trainee(model, chunked_loss, collate(rows, tokenizer.pad_token_id)["input_ids"])
+
+# %% ../nbs/10b_bench.ipynb #dfd873d5
+def rank_sweep(ranks=(1, 2, 4, 8, 16, 32), # LoRA ranks to train, each with alpha = 2r
+               config:TrainConfig=DEMO_CONFIG, # steps, learning rate, batch size and seed, the same for every rank
+               targets=DEMO_TARGETS, eval_examples:int=200) -> list[dict]:
+    "Fine-tune the tiny base on the demo task at each rank: trainable params, step time, peak step memory, eval metrics."
+    results = []
+    for rank in tqdm(ranks, desc="rank sweep"):
+        with tempfile.TemporaryDirectory() as out:
+            m = finetune(output=out, rank=rank, alpha=2 * rank, targets=targets, config=config, eval_examples=eval_examples)
+        results.append(dict(rank=rank, trainable_params=m["trainable_params"], total_params=m["total_params"],
+                            step_seconds=m["train_seconds"] / m["steps"], tokens_per_second=m["tokens_per_second"],
+                            peak_step_bytes=peak_step_bytes(demo_trainee(rank, targets, config.batch_size, config.seed)),
+                            eval_loss=m["eval_loss_after"], exact_match=m["eval_accuracy_after"]))
+    return results
+
+# %% ../nbs/10b_bench.ipynb #bcbec117
+def plot_rank_sweep(results:list[dict], # `rank_sweep(...)`
+                    path:str|Path|None=None): # also save the figure here
+    "Four panels against the rank: trainable parameters, step time, peak step memory, eval exact match and loss."
+    import matplotlib.pyplot as plt
+    ranks = [row["rank"] for row in results]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    panels = [("trainable_params", "trainable parameters", 1), ("step_seconds", "seconds per step", 1),
+              ("peak_step_bytes", "peak step memory (MiB)", 2**20), ("exact_match", "eval exact match", 1)]
+    for ax, (key, label, unit) in zip(axes, panels):
+        ax.plot(ranks, [row[key] / unit for row in results], "o-")
+        ax.set(xscale="log", xlabel="rank r", title=label); ax.set_xticks(ranks, [str(r) for r in ranks])
+    axes[0].set_yscale("log"); axes[3].set_ylim(0, 1.02)
+    loss = axes[3].twinx(); loss.plot(ranks, [row["eval_loss"] for row in results], "s--", color="tab:red")
+    loss.set_ylabel("eval loss", color="tab:red")
+    fig.tight_layout()
+    if path: atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    return fig

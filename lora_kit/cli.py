@@ -7,14 +7,14 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #31d81baf
+# %% ../nbs/cli.ipynb #6bdc8fb4
 import argparse, json, os, sys
 from . import accounting
 from .bench import add_bench_arguments, bench_main
 from .finetune import DEMO_CONFIG, DEMO_TARGETS
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #18d3fadd
+# %% ../nbs/cli.ipynb #d322b370
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
@@ -26,7 +26,7 @@ def _positive_int(text:str) -> int:
     if not text.isdigit() or int(text) < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
-# %% ../nbs/cli.ipynb #b0753351
+# %% ../nbs/cli.ipynb #6d2ef5f1
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -34,7 +34,7 @@ def estimate_args(args) -> dict:
                         args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #e3ba3a2f
+# %% ../nbs/cli.ipynb #67f6b162
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -55,7 +55,7 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #81e3d5f3
+# %% ../nbs/cli.ipynb #b9a530d8
 def _finetune_arguments(f):
     d = DEMO_CONFIG
     f.add_argument("--model", default="tiny", help="tiny (embedded), a local folder, or a Hub id")
@@ -74,6 +74,8 @@ def _finetune_arguments(f):
     f.add_argument("--max-steps", type=_positive_int, default=d.max_steps)
     f.add_argument("--epochs", type=float, help="train for this many passes over the data instead of --max-steps")
     f.add_argument("--lr", type=float, default=d.lr)
+    f.add_argument("--loraplus-ratio", type=float, default=d.loraplus_lr_ratio,
+                   help=f"LoRA+: B's learning rate is --lr times this (default {d.loraplus_lr_ratio:g}; 1 = plain LoRA)")
     f.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     f.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum)
     f.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -86,15 +88,16 @@ def _finetune_arguments(f):
 def _finetune(args):
     from lora_kit.finetune import finetune, summary
     from lora_kit.train import TrainConfig
-    config = TrainConfig(max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         warmup_steps=args.warmup_steps, precision=args.precision, seed=args.seed,
-                         grad_checkpointing=args.grad_checkpointing, save_every=args.save_every)
+    config = TrainConfig(max_steps=args.max_steps, lr=args.lr, loraplus_lr_ratio=args.loraplus_ratio,
+                         batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
+                         precision=args.precision, seed=args.seed, grad_checkpointing=args.grad_checkpointing,
+                         save_every=args.save_every)
     metrics = finetune(args.model, args.data, args.eval_data, args.output, args.rank, args.alpha, args.dropout,
                        args.targets, args.rslora, args.four_bit, args.template, args.max_length, args.eval_examples,
                        args.resume, config, epochs=args.epochs)
     print(summary(metrics, args.output))
 
-# %% ../nbs/cli.ipynb #44dead8a
+# %% ../nbs/cli.ipynb #05b7e307
 def _generate(args):
     from lora_kit.finetune import generate, load_adapted
     model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
@@ -104,7 +107,7 @@ def _merge(args):
     from lora_kit.finetune import merge_adapter
     print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
 
-# %% ../nbs/cli.ipynb #f9b10d16
+# %% ../nbs/cli.ipynb #d63b266e
 def _app(args):
     import importlib.util, os, subprocess
     if importlib.util.find_spec("streamlit") is None:
@@ -120,7 +123,7 @@ def _app(args):
                     "--server.port", str(args.port), "--server.headless", "true",
                     "--browser.gatherUsageStats", "false"], env=env, check=True)
 
-# %% ../nbs/cli.ipynb #7011d4b9
+# %% ../nbs/cli.ipynb #d5417dfb
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(run=_app)
     return p
 
-# %% ../nbs/cli.ipynb #2f00ef5e
+# %% ../nbs/cli.ipynb #9f7f0d03
 def _quiet_library_bars():
     "Hide the libraries' loading bars (weights, dataset maps): stderr keeps the training bar and the one-line errors."
     from transformers.utils import logging as hf_logging
@@ -184,5 +187,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #9ef475a4
+# %% ../nbs/cli.ipynb #1abeffb4
 if __name__ == "__main__": sys.exit(main())
