@@ -7,14 +7,14 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #6bdc8fb4
+# %% ../nbs/cli.ipynb #d4ca441a
 import argparse, json, os, sys
 from . import accounting
 from .bench import add_bench_arguments, bench_main
-from .finetune import DEMO_CONFIG, DEMO_TARGETS
+from .finetune import DEMO_ALPHA, DEMO_CONFIG, DEMO_RANK, DEMO_TARGETS
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #d322b370
+# %% ../nbs/cli.ipynb #6def908e
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
@@ -26,7 +26,7 @@ def _positive_int(text:str) -> int:
     if not text.isdigit() or int(text) < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
-# %% ../nbs/cli.ipynb #6d2ef5f1
+# %% ../nbs/cli.ipynb #7262989e
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -34,7 +34,7 @@ def estimate_args(args) -> dict:
                         args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #67f6b162
+# %% ../nbs/cli.ipynb #d2d21372
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -55,15 +55,15 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #b9a530d8
+# %% ../nbs/cli.ipynb #db50ee21
 def _finetune_arguments(f):
     d = DEMO_CONFIG
     f.add_argument("--model", default="tiny", help="tiny (embedded), a local folder, or a Hub id")
     f.add_argument("--data", help="train file (.jsonl/.json/.csv) or Hub dataset (default: the bundled demo task)")
     f.add_argument("--eval-data", help="held-out file (default: the demo's eval split, or 5%% of --data)")
     f.add_argument("--output", default="lora-kit-output", help="folder for the adapter, metrics.json and loss.png")
-    f.add_argument("--rank", type=_positive_int, default=8)
-    f.add_argument("--alpha", type=float, default=16)
+    f.add_argument("--rank", type=_positive_int, default=DEMO_RANK)
+    f.add_argument("--alpha", type=float, default=DEMO_ALPHA)
     f.add_argument("--dropout", type=float, default=0.0)
     f.add_argument("--targets", default=",".join(DEMO_TARGETS), help="comma-separated module names, or all-linear")
     f.add_argument("--rslora", action="store_true", help="rank-stabilized scaling alpha/sqrt(r)")
@@ -97,7 +97,7 @@ def _finetune(args):
                        args.resume, config, epochs=args.epochs)
     print(summary(metrics, args.output))
 
-# %% ../nbs/cli.ipynb #05b7e307
+# %% ../nbs/cli.ipynb #79989fb9
 def _generate(args):
     from lora_kit.finetune import generate, load_adapted
     model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
@@ -107,7 +107,7 @@ def _merge(args):
     from lora_kit.finetune import merge_adapter
     print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
 
-# %% ../nbs/cli.ipynb #d63b266e
+# %% ../nbs/cli.ipynb #88c016c8
 def _app(args):
     import importlib.util, os, subprocess
     if importlib.util.find_spec("streamlit") is None:
@@ -123,7 +123,7 @@ def _app(args):
                     "--server.port", str(args.port), "--server.headless", "true",
                     "--browser.gatherUsageStats", "false"], env=env, check=True)
 
-# %% ../nbs/cli.ipynb #d5417dfb
+# %% ../nbs/cli.ipynb #b0f45e7f
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(run=_app)
     return p
 
-# %% ../nbs/cli.ipynb #9f7f0d03
+# %% ../nbs/cli.ipynb #903f6937
 def _quiet_library_bars():
     "Hide the libraries' loading bars (weights, dataset maps): stderr keeps the training bar and the one-line errors."
     from transformers.utils import logging as hf_logging
@@ -187,5 +187,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #1abeffb4
+# %% ../nbs/cli.ipynb #7793cd65
 if __name__ == "__main__": sys.exit(main())

@@ -8,26 +8,26 @@ Docs: https://lora-kit.github.io/lora_kit/core.html.md"""
 __all__ = ['SPECIAL_TOKENS', 'LLAMA2_SHAPES', 'in_test', 'pick', 'byte_tokenizer', 'tiny_llama_config', 'tiny_llama',
            'llama2_config', 'meta_llama', 'count_params', 'atomic_write']
 
-# %% ../nbs/core.ipynb #d830b142
+# %% ../nbs/core.ipynb #6a22c5a7
 import os, tempfile
 from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-# %% ../nbs/core.ipynb #7e5ebb42
+# %% ../nbs/core.ipynb #97a828f4
 def in_test() -> bool:
     "True while `nbdev-test` (or anything setting `IN_TEST`) runs this code."
     return os.environ.get("IN_TEST", "") not in ("", "0")
 
-# %% ../nbs/core.ipynb #e0149aea
+# %% ../nbs/core.ipynb #c5cf67e6
 def pick(small, # value used under `nbdev-test`
          full,  # value used when a learner runs the notebook
         ):
     "`small` under test, `full` otherwise: one call per size that decides how long a lesson cell runs."
     return small if in_test() else full
 
-# %% ../nbs/core.ipynb #1d9d587f
+# %% ../nbs/core.ipynb #0e05cc7d
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -42,7 +42,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>")
 
-# %% ../nbs/core.ipynb #83117a78
+# %% ../nbs/core.ipynb #f893714f
 def tiny_llama_config(vocab_size:int=len(SPECIAL_TOKENS)+256, # the byte tokenizer's size by default
                       hidden_size:int=64, intermediate_size:int=192, num_hidden_layers:int=2,
                       num_attention_heads:int=4,
@@ -54,14 +54,14 @@ def tiny_llama_config(vocab_size:int=len(SPECIAL_TOKENS)+256, # the byte tokeniz
                        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, **kwargs)
 
-# %% ../nbs/core.ipynb #ea801fdf
+# %% ../nbs/core.ipynb #978dab3a
 def tiny_llama(seed:int=0, # the same seed gives the same weights
                **config_overrides) -> LlamaForCausalLM:
     "A randomly initialised tiny `LlamaForCausalLM` in eval mode, reproducible from `seed`."
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**config_overrides)).eval()
 
-# %% ../nbs/core.ipynb #1d9bd849
+# %% ../nbs/core.ipynb #eb2ead4a
 LLAMA2_SHAPES = {  # name: (hidden, intermediate, layers, heads, kv_heads), from the models' config.json files
     "llama-2-7b":  (4096, 11008, 32, 32, 32),
     "llama-2-13b": (5120, 13824, 40, 40, 40),
@@ -77,14 +77,14 @@ def llama2_config(name:str="llama-2-7b") -> LlamaConfig:
                        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, tie_word_embeddings=False)
 
-# %% ../nbs/core.ipynb #3724537b
+# %% ../nbs/core.ipynb #612d1549
 def meta_llama(config:LlamaConfig|str="llama-2-7b", # a `LlamaConfig` or a name in `LLAMA2_SHAPES`
               ) -> LlamaForCausalLM:
     "A `LlamaForCausalLM` on the meta device: real shapes, no storage."
     if isinstance(config, str): config = llama2_config(config)
     with torch.device("meta"): return LlamaForCausalLM(config)
 
-# %% ../nbs/core.ipynb #9ffc5a88
+# %% ../nbs/core.ipynb #0a35dedd
 def _numel(p:torch.Tensor) -> int:
     "Weights in `p`; a bitsandbytes 4-bit parameter packs two per byte of its storage."
     return p.numel() * p.element_size() * 2 if hasattr(p, "quant_state") else p.numel()
@@ -93,7 +93,12 @@ def count_params(model:torch.nn.Module, trainable_only:bool=False) -> int:
     "Number of parameters of `model` (only those with `requires_grad` when `trainable_only`), 4-bit ones unpacked."
     return sum(_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
-# %% ../nbs/core.ipynb #c1f17b6e
+# %% ../nbs/core.ipynb #764bc7de
+def _default_file_mode() -> int:
+    "The mode `open()` gives a new file: 0o666 less the process's umask (mkstemp's 0o600 would hide it from others)."
+    umask = os.umask(0); os.umask(umask)
+    return 0o666 & ~umask
+
 def atomic_write(path:str|Path, # the file to (re)place
                  write, # called with a temporary path in the same folder; must write the whole file there
                 ) -> Path:
@@ -105,6 +110,7 @@ def atomic_write(path:str|Path, # the file to (re)place
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ __all__ = ['PRONOUNS', 'NOUNS', 'ADJECTIVES', 'DETERMINERS', 'VERBS', 'PLACES', 
            'write_jsonl', 'write_demo_task', 'train_tokenizer', 'tiny_base_config', 'pretrain', 'base_path',
            'build_tiny_base', 'load_base']
 
-# %% ../nbs/06_tiny_base.ipynb #db3e5c63
+# %% ../nbs/06_tiny_base.ipynb #66fda2ba
 import json, math, os, random, shutil, tempfile, time
 from importlib.resources import files
 from pathlib import Path
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from .core import SPECIAL_TOKENS
 from .data import demo_path
 
-# %% ../nbs/06_tiny_base.ipynb #d9f2a3aa
+# %% ../nbs/06_tiny_base.ipynb #2f3b297a
 PRONOUNS = {"i": "saya", "you": "kamu", "we": "kami", "they": "mereka", "he": "dia", "she": "dia"}
 NOUNS = {  # word class: ({English: Indonesian}, adjectives that fit)
     "person": ({"teacher": "guru", "child": "anak", "mother": "ibu", "friend": "teman"}, ("old", "small")),
@@ -46,7 +46,7 @@ PLACES = {"at home": "di rumah", "at school": "di sekolah", "in the market": "di
 TIMES = {"present": {"today": "hari ini"}, "past": {"yesterday": "kemarin"}, "future": {"tomorrow": "besok"}}
 TENSE_MARKERS = {"present": "", "past": "sudah ", "future": "akan "}
 
-# %% ../nbs/06_tiny_base.ipynb #36c7edbf
+# %% ../nbs/06_tiny_base.ipynb #34ec08f5
 def noun_phrase(rng:random.Random, word_class:str) -> tuple[str, str]:
     "A random noun phrase of `word_class` in English and Indonesian: `my old book` → `buku tua saya`."
     nouns, adjectives = NOUNS[word_class]
@@ -55,7 +55,7 @@ def noun_phrase(rng:random.Random, word_class:str) -> tuple[str, str]:
     english = " ".join(w for w in (det, adj, noun) if w)
     return english, " ".join(w for w in (nouns[noun], adj and ADJECTIVES[adj], DETERMINERS[det]) if w)
 
-# %% ../nbs/06_tiny_base.ipynb #aea67017
+# %% ../nbs/06_tiny_base.ipynb #d4a3b67f
 def sentence_pair(rng:random.Random, adverbials:bool=True, # add a place and a time, each in 3 sentences of 10
                  ) -> tuple[str, str]:
     "A random sentence of the grammar in English and its Indonesian translation."
@@ -71,7 +71,7 @@ def sentence_pair(rng:random.Random, adverbials:bool=True, # add a place and a t
     if adverbials and rng.random() < 0.3: when = rng.choice(list(TIMES[tense])); english.append(when); indonesian.append(TIMES[tense][when])
     return " ".join(english) + ".", " ".join(indonesian) + "."
 
-# %% ../nbs/06_tiny_base.ipynb #8dfea796
+# %% ../nbs/06_tiny_base.ipynb #a1abf85d
 def document(rng:random.Random) -> str:
     "One to three sentences in one language, mostly followed by the same sentences again."
     language = rng.random() < 0.5  # 0: English, 1: Indonesian
@@ -84,7 +84,7 @@ def corpus(n:int, # number of documents
     rng = random.Random(seed)
     return [document(rng) for _ in range(n)]
 
-# %% ../nbs/06_tiny_base.ipynb #1fcb29ea
+# %% ../nbs/06_tiny_base.ipynb #6789d843
 INSTRUCTION = "Translate to Indonesian:"
 
 def demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[list[dict], list[dict]]:
@@ -97,7 +97,7 @@ def demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[list[dict],
         examples.append({"instruction": INSTRUCTION, "input": english, "output": indonesian})
     return examples[:n_train], examples[n_train:]
 
-# %% ../nbs/06_tiny_base.ipynb #7053de48
+# %% ../nbs/06_tiny_base.ipynb #4aff37e2
 def write_jsonl(rows:list[dict], path:str|Path) -> Path:
     "Write `rows` as JSON Lines (UTF-8), atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def write_demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[Path,
     train, evaluation = demo_task(n_train, n_eval, seed)
     return write_jsonl(train, demo_path("train")), write_jsonl(evaluation, demo_path("eval"))
 
-# %% ../nbs/06_tiny_base.ipynb #6b0cb0c7
+# %% ../nbs/06_tiny_base.ipynb #675bb3fc
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
     "{% else %}{% set system = '' %}{% endif %}"
@@ -120,7 +120,7 @@ LLAMA2_CHAT_TEMPLATE = (
     "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 
-# %% ../nbs/06_tiny_base.ipynb #d3a12adc
+# %% ../nbs/06_tiny_base.ipynb #872292c3
 def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizerFast:
     "A byte-level BPE tokenizer trained on `lines`, with LLaMA's special tokens and the LLaMA-2 chat template."
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -131,14 +131,14 @@ def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizer
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", chat_template=LLAMA2_CHAT_TEMPLATE)
 
-# %% ../nbs/06_tiny_base.ipynb #9d2e140d
+# %% ../nbs/06_tiny_base.ipynb #d4baadd5
 def tiny_base_config(vocab_size:int) -> LlamaConfig:
     "The tiny base's `LlamaConfig`: hidden 256, 4 layers, 4 heads sharing 2 key/value heads, context 256."
     return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
 
-# %% ../nbs/06_tiny_base.ipynb #f5cf9b2d
+# %% ../nbs/06_tiny_base.ipynb #401e8359
 def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
              steps:int=300, batch_size:int=32, block:int=128, lr:float=3e-3, seed:int=0,
              log_every:int=50) -> list[float]:
@@ -159,14 +159,14 @@ def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
         if log_every and step % log_every == 0: print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
     return losses
 
-# %% ../nbs/06_tiny_base.ipynb #0404dd5b
+# %% ../nbs/06_tiny_base.ipynb #10b31736
 BASE_DIR = Path(str(files("lora_kit"))) / "assets" / "tiny_base"  # package data
 
 def base_path() -> Path:
     "Folder of the pretrained tiny base shipped with the package; `AutoModelForCausalLM.from_pretrained` loads it."
     return BASE_DIR
 
-# %% ../nbs/06_tiny_base.ipynb #b1e40ca2
+# %% ../nbs/06_tiny_base.ipynb #ec98eec2
 def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
     "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, atomically."
     lines = corpus(n_documents, seed)
@@ -183,7 +183,7 @@ def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=35
     os.replace(tmp, out)
     return out
 
-# %% ../nbs/06_tiny_base.ipynb #30123897
+# %% ../nbs/06_tiny_base.ipynb #61327df1
 def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     "The shipped tiny base (in eval mode) and its tokenizer, loaded from package data with no network."
     return AutoModelForCausalLM.from_pretrained(base_path()).eval(), AutoTokenizer.from_pretrained(base_path())

@@ -36,6 +36,7 @@ def cases(tmp):
         "not UTF-8": (["finetune", "--data", lines(tmp / "latin.jsonl", raw='{"instruction": "caf\xe9"}\n'.encode("latin-1"))], "UTF-8"),
         "model folder without config": (["finetune", "--model", str(tmp / "no-config")], "no config.json"),
         "max-steps 0": (["finetune", "--max-steps", "0"], "must be an integer >= 1"),
+        "LoRA+ ratio 0": (["finetune", "--loraplus-ratio", "0"], "loraplus_lr_ratio must be > 0"),
         "fp16 on CPU": (["finetune", "--precision", "fp16", "--data", lines(tmp / "ok6.jsonl", *[GOOD] * 40)], "fp16"),
         "adapter folder missing": (["generate", "--adapter", str(tmp / "nowhere"), "--prompt", "x"], "No adapter_config.json"),
         "adapter config not JSON": (["generate", "--adapter", str(adapter), "--prompt", "x"], "not valid JSON"),
@@ -59,7 +60,7 @@ def catalogue(tmp_path_factory):
 
 CASE_NAMES = ["rank 0", "rank negative", "rank larger than the layer", "alpha <= 0", "dropout 1", "targets match nothing",
               "target is not Linear", "data file missing", "data file empty", "wrong columns", "empty response",
-              "not UTF-8", "model folder without config", "max-steps 0", "fp16 on CPU", "adapter folder missing",
+              "not UTF-8", "model folder without config", "max-steps 0", "LoRA+ ratio 0", "fp16 on CPU", "adapter folder missing",
               "adapter config not JSON", "merge onto an existing folder", "estimate unknown preset",
               "estimate seq-len 0", "unknown subcommand", "bench threads 0"]
 

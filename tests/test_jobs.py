@@ -83,6 +83,6 @@ def test_finetune_output_folder_loads_in_peft_and_has_the_metrics(tmp_path):
 def test_cli_finetune_prints_the_summary_and_writes_the_folder(tmp_path):
     r = lora_kit("finetune", "--max-steps", 3, "--eval-examples", 10, "--output", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "trained 57,344 of 3,247,872 parameters (1.77%) for 3 steps" in r.stdout  # rank 8 on q,k,v,o: 4 x 14,336
+    assert "trained 57,344 of 3,247,872 parameters (1.77%) for 3 steps" in r.stdout  # rank 16 on v,o: 4 layers x 16 x (256+128 + 256+256)
     assert "exact match 0.0% ->" in r.stdout
     assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "loss.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
