@@ -9,7 +9,7 @@ __all__ = ['DEMO_TARGETS', 'DEMO_RANK', 'DEMO_ALPHA', 'DEMO_ADAPTER', 'DEMO_CONF
            'load_adapted', 'generate', 'prompt_and_reference', 'exact_match', 'hold_out', 'flops_per_step', 'finetune',
            'summary', 'build_demo_adapter', 'merge_adapter']
 
-# %% ../nbs/12_finetune.ipynb #a8dd69e8
+# %% ../nbs/12_finetune.ipynb #d9ceef8c
 import json, math, shutil, tempfile
 from dataclasses import replace
 from functools import partial
@@ -30,7 +30,7 @@ DEMO_RANK, DEMO_ALPHA = 16, 32
 DEMO_ADAPTER = Path(str(files("lora_kit"))) / "assets" / "demo_adapter"  # made by `build_demo_adapter`
 DEMO_CONFIG = TrainConfig(max_steps=1500, lr=5e-3, loraplus_lr_ratio=16, batch_size=16, warmup_steps=20)
 
-# %% ../nbs/12_finetune.ipynb #ad007d3a
+# %% ../nbs/12_finetune.ipynb #836c9d3b
 class BadInput(ValueError):
     "Input a user must fix (a path, a file, a flag); the CLI prints it on one line and exits with 2."
 
@@ -47,7 +47,7 @@ def resolve_model(model:str) -> str:
         return str(path.resolve())
     return model
 
-# %% ../nbs/12_finetune.ipynb #fd16bc14
+# %% ../nbs/12_finetune.ipynb #29cba5fe
 def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
               four_bit:bool=False, # NF4 base for QLoRA (needs bitsandbytes)
               dtype:torch.dtype|None=None, # weights' dtype; default fp32 on CPU, bf16/fp16 on GPU
@@ -67,7 +67,7 @@ def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
     if torch.cuda.is_available(): base = base.cuda()
     return base, tokenizer
 
-# %% ../nbs/12_finetune.ipynb #a4347d40
+# %% ../nbs/12_finetune.ipynb #646be8ca
 def load_adapted(adapter:str|Path, # an adapter folder (peft format)
                  model:str|None=None, # override the base the adapter names
                  four_bit:bool=False):
@@ -96,7 +96,7 @@ def generate(model, tokenizer,
                          pad_token_id=tokenizer.pad_token_id, **sampling)
     return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 
-# %% ../nbs/12_finetune.ipynb #34e59cfe
+# %% ../nbs/12_finetune.ipynb #6b69a597
 def prompt_and_reference(messages:list[dict], tokenizer, template="llama2") -> tuple[str, str]:
     "The exact prompt text for the first reply of `messages` under `template`, and that reply."
     segments = get_template(template, tokenizer)(messages, bos=tokenizer.bos_token, eos=tokenizer.eos_token)
@@ -114,7 +114,7 @@ def exact_match(model, tokenizer, conversations:list[list[dict]], template="llam
         samples += [dict(prompt_text=p, expected=e, generated=g) for (p, e), g in zip(chunk, outputs)]
     return sum(s["generated"] == s["expected"] for s in samples) / max(len(samples), 1), samples
 
-# %% ../nbs/12_finetune.ipynb #d85593f6
+# %% ../nbs/12_finetune.ipynb #da0c6099
 def _rows(source, tokenizer, template, max_length):
     "Conversations and tokenized training rows of `source`."
     ds = load_instructions(source)
@@ -126,7 +126,7 @@ def hold_out(conversations:list, rows:list, share:float=0.05, seed:int=0):
     keep = lambda xs, inside: [x for i, x in enumerate(xs) if (i in held) == inside]
     return keep(rows, False), keep(conversations, True), keep(rows, True)
 
-# %% ../nbs/12_finetune.ipynb #15d4ec23
+# %% ../nbs/12_finetune.ipynb #579e2cdc
 def flops_per_step(model:str, method:str, rank:int, targets, rows:list[dict], config:TrainConfig) -> dict|None:
     "Training FLOPs per step of `method` and of full fine-tuning for this data's mean length (None if not a LLaMA)."
     try:
@@ -136,7 +136,7 @@ def flops_per_step(model:str, method:str, rank:int, targets, rows:list[dict], co
         return {m: estimate(str(path), m, **setup)["flops_per_step"] for m in (method, "full")}
     except (ValueError, OSError): return None  # a Hub id (config not local) or an architecture accounting does not know
 
-# %% ../nbs/12_finetune.ipynb #71e6e7ca
+# %% ../nbs/12_finetune.ipynb #7c1d500a
 def finetune(model:str="tiny", # `tiny`, a local folder or a Hub id
              data:str|None=None, # training file (.jsonl/.json/.csv) or Hub dataset; default: the bundled demo task
              eval_data:str|None=None, # held-out file; default: the demo's eval split, or 5% of `data`
@@ -177,7 +177,7 @@ def finetune(model:str="tiny", # `tiny`, a local folder or a Hub id
     atomic_write(output / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics
 
-# %% ../nbs/12_finetune.ipynb #08132a38
+# %% ../nbs/12_finetune.ipynb #072aef2c
 def summary(metrics:dict, output:str|Path) -> str:
     "What a fine-tune did, in a few lines: parameters, FLOPs, memory, time, accuracy, files."
     m, flops = metrics, metrics.get("flops_per_step")
@@ -192,7 +192,7 @@ def summary(metrics:dict, output:str|Path) -> str:
               f"wrote {Path(output) / 'adapter_model.safetensors'}, adapter_config.json, metrics.json, loss.png"]
     return "\n".join(lines)
 
-# %% ../nbs/12_finetune.ipynb #948f6256
+# %% ../nbs/12_finetune.ipynb #f76d1b76
 def build_demo_adapter(out:str|Path=DEMO_ADAPTER) -> dict:
     "Run the default fine-tune and keep its adapter, metrics and loss plot in `out` (base recorded as `tiny`)."
     work = Path(tempfile.mkdtemp())
@@ -205,7 +205,7 @@ def build_demo_adapter(out:str|Path=DEMO_ADAPTER) -> dict:
     shutil.rmtree(work)
     return metrics
 
-# %% ../nbs/12_finetune.ipynb #ab5bab51
+# %% ../nbs/12_finetune.ipynb #3f8fa84f
 def merge_adapter(adapter:str|Path, # an adapter folder
                   output:str|Path, # where the merged model goes; must not exist yet
                   model:str|None=None, # override the base the adapter names
