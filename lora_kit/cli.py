@@ -7,14 +7,14 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 # %% auto #0
 __all__ = ['UsageError', 'estimate_args', 'format_estimate', 'build_parser', 'main']
 
-# %% ../nbs/cli.ipynb #d4ca441a
+# %% ../nbs/cli.ipynb #45f873c0
 import argparse, json, os, sys
 from . import accounting
 from .bench import add_bench_arguments, bench_main
 from .finetune import DEMO_ALPHA, DEMO_CONFIG, DEMO_RANK, DEMO_TARGETS
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
-# %% ../nbs/cli.ipynb #6def908e
+# %% ../nbs/cli.ipynb #51f95b9d
 class UsageError(Exception):
     "Bad arguments or bad input files: `main` prints the message on one line and exits with 2."
 
@@ -26,7 +26,7 @@ def _positive_int(text:str) -> int:
     if not text.isdigit() or int(text) < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
-# %% ../nbs/cli.ipynb #7262989e
+# %% ../nbs/cli.ipynb #38c2075a
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
@@ -34,7 +34,7 @@ def estimate_args(args) -> dict:
                         args.grad_checkpointing, args.precision, args.attn, args.optimizer)
     except ValueError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
-# %% ../nbs/cli.ipynb #d2d21372
+# %% ../nbs/cli.ipynb #d828e910
 def _gib(n): return f"{n / 2**30:,.2f} GiB"
 
 def format_estimate(est:dict) -> str:
@@ -55,7 +55,7 @@ def _print_estimate(args):
     est = estimate_args(args)
     print(json.dumps(est, indent=2) if args.json else format_estimate(est))
 
-# %% ../nbs/cli.ipynb #db50ee21
+# %% ../nbs/cli.ipynb #eb7269f1
 def _finetune_arguments(f):
     d = DEMO_CONFIG
     f.add_argument("--model", default="tiny", help="tiny (embedded), a local folder, or a Hub id")
@@ -73,7 +73,7 @@ def _finetune_arguments(f):
     f.add_argument("--eval-examples", type=_positive_int, default=200)
     f.add_argument("--max-steps", type=_positive_int, default=d.max_steps)
     f.add_argument("--epochs", type=float, help="train for this many passes over the data instead of --max-steps")
-    f.add_argument("--lr", type=float, default=d.lr)
+    f.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g}, for the tiny demo; ~2e-4 for a 7B model)")
     f.add_argument("--loraplus-ratio", type=float, default=d.loraplus_lr_ratio,
                    help=f"LoRA+: B's learning rate is --lr times this (default {d.loraplus_lr_ratio:g}; 1 = plain LoRA)")
     f.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
@@ -97,7 +97,7 @@ def _finetune(args):
                        args.resume, config, epochs=args.epochs)
     print(summary(metrics, args.output))
 
-# %% ../nbs/cli.ipynb #79989fb9
+# %% ../nbs/cli.ipynb #0913e788
 def _generate(args):
     from lora_kit.finetune import generate, load_adapted
     model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
@@ -107,7 +107,7 @@ def _merge(args):
     from lora_kit.finetune import merge_adapter
     print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
 
-# %% ../nbs/cli.ipynb #88c016c8
+# %% ../nbs/cli.ipynb #796d5c2e
 def _app(args):
     import importlib.util, os, subprocess
     if importlib.util.find_spec("streamlit") is None:
@@ -123,7 +123,7 @@ def _app(args):
                     "--server.port", str(args.port), "--server.headless", "true",
                     "--browser.gatherUsageStats", "false"], env=env, check=True)
 
-# %% ../nbs/cli.ipynb #b0f45e7f
+# %% ../nbs/cli.ipynb #b88792b1
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-kit` argument parser with all subcommands."
     p = _Parser(prog="lora-kit", description="LoRA for LLaMA-2: estimate, fine-tune, merge, generate, benchmark.")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(run=_app)
     return p
 
-# %% ../nbs/cli.ipynb #903f6937
+# %% ../nbs/cli.ipynb #08ca2ded
 def _quiet_library_bars():
     "Hide the libraries' loading bars (weights, dataset maps): stderr keeps the training bar and the one-line errors."
     from transformers.utils import logging as hf_logging
@@ -187,5 +187,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2
     return 0
 
-# %% ../nbs/cli.ipynb #7793cd65
+# %% ../nbs/cli.ipynb #9b6f1796
 if __name__ == "__main__": sys.exit(main())
