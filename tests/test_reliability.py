@@ -17,7 +17,8 @@ from train_worker import examples  # noqa: E402
 
 WORKER = Path(__file__).with_name("train_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SLOW = ["--hidden", "256", "--max-steps", "24", "--save-every", "4", "--dropout", "0.1", "--batch-size", "4"]
+SLOW = ["--hidden", "256", "--max-steps", "24", "--save-every", "4", "--dropout", "0.1", "--batch-size", "4",
+        "--loraplus-ratio", "4"]  # LoRA+: two optimizer groups to save and restore
 
 
 def worker(out, *args):

@@ -30,13 +30,14 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--loraplus-ratio", type=float, default=1.0)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = add_lora(tiny_llama(hidden_size=args.hidden, intermediate_size=3 * args.hidden), "all-linear",
                      r=4, alpha=8, dropout=args.dropout)
     cfg = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=5e-3,
-                      warmup_steps=1, save_every=args.save_every)
+                      loraplus_lr_ratio=args.loraplus_ratio, warmup_steps=1, save_every=args.save_every)
     result = train(model, examples(), config=cfg, output_dir=args.out, resume_from=args.out if args.resume else None)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     out = Path(args.out) / f"rank{rank}"
