@@ -7,11 +7,12 @@ Docs: https://lora-kit.github.io/lora_kit/bench.html.md"""
 # %% auto #0
 __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'DEFAULT_METHODS', 'LORA_METHODS', 'INFERENCE_ROUNDS', 'bench_llama',
            'hf_loss', 'chunked_loss', 'Trainee', 'time_interleaved', 'peak_step_bytes', 'saved_activation_bytes',
-           'inference_latency', 'run_bench', 'format_bench', 'add_bench_arguments', 'bench_main', 'main',
-           'demo_trainee', 'rank_sweep', 'plot_rank_sweep']
+           'inference_latency', 'run_bench', 'format_bench', 'demo_trainee', 'rank_sweep', 'plot_rank_sweep',
+           'format_rank_sweep', 'add_bench_arguments', 'bench_main', 'main']
 
-# %% ../nbs/10b_bench.ipynb #78fdecb9
+# %% ../nbs/10b_bench.ipynb #70701215
 import argparse, json, platform, statistics, tempfile, time
+from dataclasses import replace
 from pathlib import Path
 import torch
 from torch.profiler import profile, ProfilerActivity
@@ -25,7 +26,7 @@ from .data import collate, demo_path, load_instructions, tokenize_dataset
 from .train import TrainConfig
 from .finetune import DEMO_CONFIG, DEMO_TARGETS, finetune, load_base
 
-# %% ../nbs/10b_bench.ipynb #457899a1
+# %% ../nbs/10b_bench.ipynb #684a8c88
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=8)
 TINY_MODEL = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -37,7 +38,7 @@ def bench_llama(seed:int=0, # the same seed gives the same weights
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**(BENCH_MODEL | config))).to(device)
 
-# %% ../nbs/10b_bench.ipynb #676c7fa0
+# %% ../nbs/10b_bench.ipynb #61050ae6
 def hf_loss(model, ids): return model(input_ids=ids, labels=ids).loss
 def chunked_loss(model, ids): return causal_lm_loss(model, ids, ids)
 
@@ -55,7 +56,7 @@ METHODS = {  # name: (make the model trainable, loss)
 DEFAULT_METHODS = ("full", "full+chunked", "peft", "lora_kit", "efficient")
 LORA_METHODS = ("peft", "lora_kit", "efficient", "peft+chunked", "efficient+hf")
 
-# %% ../nbs/10b_bench.ipynb #5881a2f9
+# %% ../nbs/10b_bench.ipynb #5cf1678c
 class Trainee:
     "A model, its loss on a fixed batch `ids` and AdamW over what is trainable; `step()` is forward, backward, optimizer step, zero_grad."
     def __init__(self, model, loss_fn, ids:torch.Tensor):
@@ -81,7 +82,7 @@ class Trainee:
                    *(t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
         return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}.values())
 
-# %% ../nbs/10b_bench.ipynb #43089da4
+# %% ../nbs/10b_bench.ipynb #fde717c0
 def _sync(device):
     if torch.device(device).type == "cuda": torch.cuda.synchronize()
 
@@ -98,7 +99,7 @@ def time_interleaved(fns:dict, # name: function to time
             times[name]["wall"].append(time.perf_counter() - wall); times[name]["cpu"].append(time.process_time() - cpu)
     return times
 
-# %% ../nbs/10b_bench.ipynb #1e5be1da
+# %% ../nbs/10b_bench.ipynb #439b0778
 def _profiled_peak_bytes(fn) -> int:
     "Highest net bytes allocated (allocations minus frees) by torch's CPU allocator during `fn()`."
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
@@ -119,7 +120,7 @@ def peak_step_bytes(trainee:Trainee) -> int:
     else: climb = _profiled_peak_bytes(trainee.step)
     return trainee.state_bytes() + climb
 
-# %% ../nbs/10b_bench.ipynb #a632cb4a
+# %% ../nbs/10b_bench.ipynb #61afbd09
 def saved_activation_bytes(trainee:Trainee) -> int:
     "Bytes autograd saves for backward in one forward pass of the trainee's loss (each storage once, no parameters)."
     with SavedTensorLog(trainee.model) as log: trainee.loss_fn(trainee.model, trainee.ids)
@@ -145,7 +146,7 @@ def inference_latency(ids:torch.Tensor, r:int=8, repeats:int=15, model_config:di
             f"merged/base {clock}": median["merged"] / median["base"], f"unmerged/base {clock}": median["unmerged"] / median["base"]}
     return out
 
-# %% ../nbs/10b_bench.ipynb #1d25bbe1
+# %% ../nbs/10b_bench.ipynb #4ae791da
 INFERENCE_ROUNDS = 6  # forward passes per training-step repeat: a 1% latency difference needs ~40 samples to show
 
 def _ratio(a, b): return a / b if b else float("nan")
@@ -194,12 +195,12 @@ def run_bench(methods=DEFAULT_METHODS, # names in `METHODS`
         methods=results, ratios=_ratios(results, dropouts),
         inference=inference_latency(ids[:1], r, INFERENCE_ROUNDS * repeats, config) if inference else None)
 
-# %% ../nbs/10b_bench.ipynb #9478ede7
+# %% ../nbs/10b_bench.ipynb #f950950b
 def _cpu_name() -> str:
     try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration): return platform.processor() or "unknown"
 
-# %% ../nbs/10b_bench.ipynb #0de3e3c1
+# %% ../nbs/10b_bench.ipynb #0d958774
 def format_bench(result:dict) -> str:
     "Markdown tables of a `run_bench` result: per method, the target ratios, and inference latency."
     s = result["setup"]
@@ -222,55 +223,7 @@ def format_bench(result:dict) -> str:
                       f"merged {inf[f'merged_{clock}_s'] * 1e3:.1f} ms ({inf[f'merged/base {clock}']:.3f}x)"]
     return "\n".join(lines)
 
-# %% ../nbs/10b_bench.ipynb #136eff35
-def _floats(text:str) -> list[float]:
-    try: values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(0 <= v < 1 for v in values): raise argparse.ArgumentTypeError(f"dropouts must be in [0, 1), got {text!r}")
-    return values
-
-def add_bench_arguments(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add the benchmark's options to `parser`."
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    parser.add_argument("--dropouts", type=_floats, default=[0.05, 0.0], help="LoRA dropouts, comma-separated (default 0.05,0)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of steps (default 5)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run in seconds, not a benchmark")
-    parser.add_argument("--no-inference", action="store_true", help="skip the merged/unmerged latency")
-    parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
-    return parser
-
-def bench_main(args:argparse.Namespace) -> dict:
-    "Run the benchmark the parsed `args` describe, print the tables, optionally write JSON; returns the result."
-    if args.threads is not None:
-        if args.threads < 1: raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but this torch sees no CUDA GPU; use --device cpu.")
-    result = run_bench(methods=[m.strip() for m in args.methods.split(",") if m.strip()], dropouts=args.dropouts,
-                       repeats=args.repeats, batch_size=args.batch_size, seq_len=args.seq_len, r=args.rank,
-                       alpha=args.alpha, device=args.device, model_config=TINY_MODEL if args.tiny else None,
-                       inference=not args.no_inference)
-    print(format_bench(result))
-    if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-    return result
-
-def main(argv:list[str]|None=None):
-    "`python -m lora_kit.bench [options]`."
-    parser = add_bench_arguments(argparse.ArgumentParser(prog="python -m lora_kit.bench", description=__doc__))
-    args = parser.parse_args(argv)
-    try: bench_main(args)
-    except ValueError as e: parser.error(str(e))
-
-# %% ../nbs/10b_bench.ipynb #61641590
-if __name__ == "__main__": main()
-
-# %% ../nbs/10b_bench.ipynb #6f248053
+# %% ../nbs/10b_bench.ipynb #c5a57077
 def demo_trainee(rank:int, # LoRA rank
                  targets=DEMO_TARGETS, batch_size:int=16, seed:int=0) -> Trainee:
     "The tiny base with rank-`rank` adapters (alpha = 2r) on `targets`, on a batch of the demo task's first examples."
@@ -280,7 +233,7 @@ def demo_trainee(rank:int, # LoRA rank
     add_lora(model, targets, r=rank, alpha=2 * rank)
     return Trainee(model, chunked_loss, collate(rows, tokenizer.pad_token_id)["input_ids"])
 
-# %% ../nbs/10b_bench.ipynb #f7317dfa
+# %% ../nbs/10b_bench.ipynb #8cad4ffc
 def rank_sweep(ranks=(1, 2, 4, 8, 16, 32), # LoRA ranks to train, each with alpha = 2r
                config:TrainConfig=DEMO_CONFIG, # steps, learning rate, batch size and seed, the same for every rank
                targets=DEMO_TARGETS, eval_examples:int=200) -> list[dict]:
@@ -295,7 +248,7 @@ def rank_sweep(ranks=(1, 2, 4, 8, 16, 32), # LoRA ranks to train, each with alph
                             eval_loss=m["eval_loss_after"], exact_match=m["eval_accuracy_after"]))
     return results
 
-# %% ../nbs/10b_bench.ipynb #4818b767
+# %% ../nbs/10b_bench.ipynb #8d3b0c96
 def plot_rank_sweep(results:list[dict], # `rank_sweep(...)`
                     path:str|Path|None=None): # also save the figure here
     "Four panels against the rank: trainable parameters, step time, peak step memory, eval exact match and loss."
@@ -313,3 +266,81 @@ def plot_rank_sweep(results:list[dict], # `rank_sweep(...)`
     fig.tight_layout()
     if path: atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     return fig
+
+# %% ../nbs/10b_bench.ipynb #7a98d97f
+def format_rank_sweep(results:list[dict]) -> str:
+    "A markdown table of a `rank_sweep` result."
+    lines = ["| rank | trainable | share of model | s/step | peak step MiB | eval loss | exact match |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['trainable_params']:,} | {r['trainable_params'] / r['total_params']:.2%} | "
+              f"{r['step_seconds']:.3f} | {r['peak_step_bytes'] / 2**20:.1f} | {r['eval_loss']:.3f} | {r['exact_match']:.3f} |"
+              for r in results]
+    return "\n".join(lines)
+
+# %% ../nbs/10b_bench.ipynb #73425ec5
+def _floats(text:str) -> list[float]:
+    try: values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 <= v < 1 for v in values): raise argparse.ArgumentTypeError(f"dropouts must be in [0, 1), got {text!r}")
+    return values
+
+def _ranks(text:str) -> list[int]:
+    ranks = [r.strip() for r in text.split(",") if r.strip()]
+    if not ranks or not all(r.isdigit() and int(r) >= 1 for r in ranks):
+        raise argparse.ArgumentTypeError(f"expected comma-separated ranks >= 1, got {text!r}")
+    return [int(r) for r in ranks]
+
+def add_bench_arguments(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add the benchmark's options to `parser`."
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--dropouts", type=_floats, default=[0.05, 0.0], help="LoRA dropouts, comma-separated (default 0.05,0)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of steps (default 5)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run in seconds, not a benchmark")
+    parser.add_argument("--no-inference", action="store_true", help="skip the merged/unmerged latency")
+    parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    sweep = parser.add_argument_group("rank sweep (instead of the step benchmark)")
+    sweep.add_argument("--rank-sweep", type=_ranks, metavar="RANKS", help="fine-tune the demo task at each rank, e.g. 1,2,4,8,16,32")
+    sweep.add_argument("--sweep-steps", type=int, default=DEMO_CONFIG.max_steps, help="training steps per rank (default: the demo's)")
+    sweep.add_argument("--eval-examples", type=int, default=200, help="held-out prompts for exact match (default 200)")
+    sweep.add_argument("--plot", metavar="FILE", help="save the sweep's figure (PNG)")
+    return parser
+
+def bench_main(args:argparse.Namespace) -> dict:
+    "Run the benchmark the parsed `args` describe, print the tables, optionally write JSON; returns the result."
+    if args.threads is not None:
+        if args.threads < 1: raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this torch sees no CUDA GPU; use --device cpu.")
+    if args.rank_sweep: return _sweep_main(args)
+    result = run_bench(methods=[m.strip() for m in args.methods.split(",") if m.strip()], dropouts=args.dropouts,
+                       repeats=args.repeats, batch_size=args.batch_size, seq_len=args.seq_len, r=args.rank,
+                       alpha=args.alpha, device=args.device, model_config=TINY_MODEL if args.tiny else None,
+                       inference=not args.no_inference)
+    print(format_bench(result))
+    if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+    return result
+
+def _sweep_main(args:argparse.Namespace) -> dict:
+    if args.sweep_steps < 1 or args.eval_examples < 1: raise ValueError("--sweep-steps and --eval-examples must be >= 1.")
+    results = rank_sweep(args.rank_sweep, replace(DEMO_CONFIG, max_steps=args.sweep_steps), eval_examples=args.eval_examples)
+    print(format_rank_sweep(results))
+    if args.plot: plot_rank_sweep(results, args.plot)
+    if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    return dict(rank_sweep=results)
+
+def main(argv:list[str]|None=None):
+    "`python -m lora_kit.bench [options]`."
+    parser = add_bench_arguments(argparse.ArgumentParser(prog="python -m lora_kit.bench", description=__doc__))
+    args = parser.parse_args(argv)
+    try: bench_main(args)
+    except ValueError as e: parser.error(str(e))
+
+# %% ../nbs/10b_bench.ipynb #7ec8a6d0
+if __name__ == "__main__": main()

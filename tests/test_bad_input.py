@@ -45,6 +45,8 @@ def cases(tmp):
         "estimate seq-len 0": (["estimate", "--seq-len", "0"], "seq_len"),
         "unknown subcommand": (["frobnicate"], "invalid choice"),
         "bench threads 0": (["bench", "--threads", "0"], "--threads must be >= 1"),
+        "rank sweep with rank 0": (["bench", "--rank-sweep", "8,0"], "expected comma-separated ranks >= 1"),
+        "rank sweep with 0 steps": (["bench", "--rank-sweep", "8", "--sweep-steps", "0"], "--sweep-steps and --eval-examples must be >= 1"),
     }
 
 
@@ -62,7 +64,8 @@ CASE_NAMES = ["rank 0", "rank negative", "rank larger than the layer", "alpha <=
               "target is not Linear", "data file missing", "data file empty", "wrong columns", "empty response",
               "not UTF-8", "model folder without config", "max-steps 0", "LoRA+ ratio 0", "fp16 on CPU", "adapter folder missing",
               "adapter config not JSON", "merge onto an existing folder", "estimate unknown preset",
-              "estimate seq-len 0", "unknown subcommand", "bench threads 0"]
+              "estimate seq-len 0", "unknown subcommand", "bench threads 0", "rank sweep with rank 0",
+              "rank sweep with 0 steps"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
