@@ -10,7 +10,7 @@ __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'DEFAULT_METHODS', 'LORA_METH
            'inference_latency', 'run_bench', 'format_bench', 'demo_trainee', 'rank_sweep', 'plot_rank_sweep',
            'format_rank_sweep', 'add_bench_arguments', 'bench_main', 'main']
 
-# %% ../nbs/10b_bench.ipynb #f280854f
+# %% ../nbs/10b_bench.ipynb #2fe4f62d
 import argparse, json, platform, statistics, tempfile, time
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +26,7 @@ from .data import collate, demo_path, load_instructions, tokenize_dataset
 from .train import TrainConfig
 from .finetune import DEMO_CONFIG, DEMO_TARGETS, finetune, load_base
 
-# %% ../nbs/10b_bench.ipynb #6b3dc11d
+# %% ../nbs/10b_bench.ipynb #ae9cb909
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=8)
 TINY_MODEL = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -38,7 +38,7 @@ def bench_llama(seed:int=0, # the same seed gives the same weights
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**(BENCH_MODEL | config))).to(device)
 
-# %% ../nbs/10b_bench.ipynb #7f834f6c
+# %% ../nbs/10b_bench.ipynb #7f476b7a
 def hf_loss(model, ids): return model(input_ids=ids, labels=ids).loss
 def chunked_loss(model, ids): return causal_lm_loss(model, ids, ids)
 
@@ -56,7 +56,7 @@ METHODS = {  # name: (make the model trainable, loss)
 DEFAULT_METHODS = ("full", "full+chunked", "peft", "lora_kit", "efficient")
 LORA_METHODS = ("peft", "lora_kit", "efficient", "peft+chunked", "efficient+hf")
 
-# %% ../nbs/10b_bench.ipynb #d23d0cec
+# %% ../nbs/10b_bench.ipynb #316e888a
 class Trainee:
     "A model, its loss on a fixed batch `ids` and AdamW over what is trainable; `step()` is forward, backward, optimizer step, zero_grad."
     def __init__(self, model, loss_fn, ids:torch.Tensor):
@@ -82,7 +82,7 @@ class Trainee:
                    *(t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
         return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}.values())
 
-# %% ../nbs/10b_bench.ipynb #5dd259ec
+# %% ../nbs/10b_bench.ipynb #94e45888
 def _sync(device):
     if torch.device(device).type == "cuda": torch.cuda.synchronize()
 
@@ -99,7 +99,7 @@ def time_interleaved(fns:dict, # name: function to time
             times[name]["wall"].append(time.perf_counter() - wall); times[name]["cpu"].append(time.process_time() - cpu)
     return times
 
-# %% ../nbs/10b_bench.ipynb #8b7e3b7e
+# %% ../nbs/10b_bench.ipynb #fdb31e57
 def _profiled_peak_bytes(fn) -> int:
     "Highest net bytes allocated (allocations minus frees) by torch's CPU allocator during `fn()`."
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
@@ -120,7 +120,7 @@ def peak_step_bytes(trainee:Trainee) -> int:
     else: climb = _profiled_peak_bytes(trainee.step)
     return trainee.state_bytes() + climb
 
-# %% ../nbs/10b_bench.ipynb #7e3150ed
+# %% ../nbs/10b_bench.ipynb #eb108180
 def saved_activation_bytes(trainee:Trainee) -> int:
     "Bytes autograd saves for backward in one forward pass of the trainee's loss (each storage once, no parameters)."
     with SavedTensorLog(trainee.model) as log: trainee.loss_fn(trainee.model, trainee.ids)
@@ -146,7 +146,7 @@ def inference_latency(ids:torch.Tensor, r:int=8, repeats:int=15, model_config:di
             f"merged/base {clock}": median["merged"] / median["base"], f"unmerged/base {clock}": median["unmerged"] / median["base"]}
     return out
 
-# %% ../nbs/10b_bench.ipynb #5a366846
+# %% ../nbs/10b_bench.ipynb #ede6dc22
 INFERENCE_ROUNDS = 6  # forward passes per training-step repeat: a 1% latency difference needs ~40 samples to show
 
 def _ratio(a, b): return a / b if b else float("nan")
@@ -195,12 +195,12 @@ def run_bench(methods=DEFAULT_METHODS, # names in `METHODS`
         methods=results, ratios=_ratios(results, dropouts),
         inference=inference_latency(ids[:1], r, INFERENCE_ROUNDS * repeats, config) if inference else None)
 
-# %% ../nbs/10b_bench.ipynb #155583f7
+# %% ../nbs/10b_bench.ipynb #47dba3a5
 def _cpu_name() -> str:
     try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration): return platform.processor() or "unknown"
 
-# %% ../nbs/10b_bench.ipynb #9a8659e8
+# %% ../nbs/10b_bench.ipynb #29c97291
 def format_bench(result:dict) -> str:
     "Markdown tables of a `run_bench` result: per method, the target ratios, and inference latency."
     s = result["setup"]
@@ -223,17 +223,17 @@ def format_bench(result:dict) -> str:
                       f"merged {inf[f'merged_{clock}_s'] * 1e3:.1f} ms ({inf[f'merged/base {clock}']:.3f}x)"]
     return "\n".join(lines)
 
-# %% ../nbs/10b_bench.ipynb #d97b6767
+# %% ../nbs/10b_bench.ipynb #ddf39562
 def demo_trainee(rank:int, # LoRA rank
                  targets=DEMO_TARGETS, batch_size:int=16, seed:int=0) -> Trainee:
     "The tiny base with rank-`rank` adapters (alpha = 2r) on `targets`, on a batch of the demo task's first examples."
     model, tokenizer = load_base("tiny")
-    rows = tokenize_dataset(load_instructions(demo_path("train")), tokenizer).select(range(batch_size)).to_list()
+    rows = tokenize_dataset(load_instructions(demo_path("train")).select(range(batch_size)), tokenizer).to_list()
     torch.manual_seed(seed)
     add_lora(model, targets, r=rank, alpha=2 * rank)
     return Trainee(model, chunked_loss, collate(rows, tokenizer.pad_token_id)["input_ids"])
 
-# %% ../nbs/10b_bench.ipynb #73f3b22a
+# %% ../nbs/10b_bench.ipynb #653a6116
 def rank_sweep(ranks=(1, 2, 4, 8, 16, 32), # LoRA ranks to train, each with alpha = 2r
                config:TrainConfig=DEMO_CONFIG, # steps, learning rate, batch size and seed, the same for every rank
                targets=DEMO_TARGETS, eval_examples:int=200) -> list[dict]:
@@ -248,7 +248,7 @@ def rank_sweep(ranks=(1, 2, 4, 8, 16, 32), # LoRA ranks to train, each with alph
                             eval_loss=m["eval_loss_after"], exact_match=m["eval_accuracy_after"]))
     return results
 
-# %% ../nbs/10b_bench.ipynb #290f06ad
+# %% ../nbs/10b_bench.ipynb #0eaadd54
 def plot_rank_sweep(results:list[dict], # `rank_sweep(...)`
                     path:str|Path|None=None): # also save the figure here
     "Four panels against the rank: trainable parameters, step time, peak step memory, eval exact match and loss."
@@ -267,7 +267,7 @@ def plot_rank_sweep(results:list[dict], # `rank_sweep(...)`
     if path: atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     return fig
 
-# %% ../nbs/10b_bench.ipynb #d6045a9a
+# %% ../nbs/10b_bench.ipynb #1253df72
 def format_rank_sweep(results:list[dict]) -> str:
     "A markdown table of a `rank_sweep` result."
     lines = ["| rank | trainable | share of model | s/step | peak step MiB | eval loss | exact match |",
@@ -277,7 +277,7 @@ def format_rank_sweep(results:list[dict]) -> str:
               for r in results]
     return "\n".join(lines)
 
-# %% ../nbs/10b_bench.ipynb #6906beaa
+# %% ../nbs/10b_bench.ipynb #e14e5b27
 def _floats(text:str) -> list[float]:
     try: values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
@@ -342,5 +342,5 @@ def main(argv:list[str]|None=None):
     try: bench_main(args)
     except ValueError as e: parser.error(str(e))
 
-# %% ../nbs/10b_bench.ipynb #83508bbb
+# %% ../nbs/10b_bench.ipynb #40a3244e
 if __name__ == "__main__": main()
