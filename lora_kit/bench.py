@@ -8,7 +8,7 @@ Docs: https://lora-kit.github.io/lora_kit/bench.html.md"""
 __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'DEFAULT_METHODS', 'LORA_METHODS', 'INFERENCE_ROUNDS', 'bench_llama',
            'hf_loss', 'chunked_loss', 'Trainee', 'time_interleaved', 'peak_step_bytes', 'saved_activation_bytes',
            'inference_latency', 'run_bench', 'format_bench', 'demo_trainee', 'rank_sweep', 'plot_rank_sweep',
-           'format_rank_sweep', 'add_bench_arguments', 'bench_main', 'main']
+           'format_rank_sweep', 'add_bench_arguments', 'bench_main', 'add_sweep_arguments', 'sweep_main', 'main']
 
 # %% ../nbs/15_bench.ipynb #2fe4f62d
 import argparse, json, platform, statistics, tempfile, time
@@ -18,9 +18,9 @@ import torch
 from torch.profiler import profile, ProfilerActivity
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
-from .core import atomic_write, count_params, tiny_llama_config
+from .core import ConfigError, LoraKitError, atomic_write, count_params, tiny_llama_config
 from .layers import LoRALinear
-from .efficient import SavedTensorLog, causal_lm_loss, count_flops
+from .efficient import EfficientLoRALinear, SavedTensorLog, causal_lm_loss, count_flops
 from .inject import add_lora, merge_lora
 from .data import collate, demo_path, load_instructions, tokenize_dataset
 from .train import TrainConfig
@@ -47,7 +47,7 @@ def _peft(model, r, alpha, dropout):
     from peft import LoraConfig, get_peft_model  # imported when benchmarked: peft's import is slow and noisy
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear"))
 def _lora_kit(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout, layer_cls=LoRALinear)
-def _efficient(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout)  # the default layer
+def _efficient(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout, layer_cls=EfficientLoRALinear)
 
 METHODS = {  # name: (make the model trainable, loss)
     "full": (_full, hf_loss), "full+chunked": (_full, chunked_loss),
@@ -226,11 +226,11 @@ def format_bench(result:dict) -> str:
 # %% ../nbs/15_bench.ipynb #ddf39562
 def demo_trainee(rank:int, # LoRA rank
                  targets=DEMO_TARGETS, batch_size:int=16, seed:int=0) -> Trainee:
-    "The tiny base with rank-`rank` adapters (alpha = 2r) on `targets`, on a batch of the demo task's first examples."
+    "The tiny base with rank-`rank` adapters (alpha = 2r, the training job's layer) on `targets`, on a batch of the demo task's first examples."
     model, tokenizer = load_base("tiny")
     rows = tokenize_dataset(load_instructions(demo_path("train")).select(range(batch_size)), tokenizer).to_list()
     torch.manual_seed(seed)
-    add_lora(model, targets, r=rank, alpha=2 * rank)
+    add_lora(model, targets, r=rank, alpha=2 * rank, layer_cls=EfficientLoRALinear)
     return Trainee(model, chunked_loss, collate(rows, tokenizer.pad_token_id)["input_ids"])
 
 # %% ../nbs/15_bench.ipynb #653a6116
@@ -241,7 +241,7 @@ def rank_sweep(ranks=(1, 2, 4, 8, 16, 32), # LoRA ranks to train, each with alph
     results = []
     for rank in tqdm(ranks, desc="rank sweep"):
         with tempfile.TemporaryDirectory() as out:
-            m = finetune(output=out, rank=rank, alpha=2 * rank, targets=targets, config=config, eval_examples=eval_examples)
+            m = finetune(output=out, rank=rank, alpha=2 * rank, targets=targets, train=config, eval_examples=eval_examples)
         results.append(dict(rank=rank, trainable_params=m["trainable_params"], total_params=m["total_params"],
                             step_seconds=m["train_seconds"] / m["steps"], tokens_per_second=m["tokens_per_second"],
                             peak_step_bytes=peak_step_bytes(demo_trainee(rank, targets, config.batch_size, config.seed)),
@@ -284,14 +284,8 @@ def _floats(text:str) -> list[float]:
     if not values or not all(0 <= v < 1 for v in values): raise argparse.ArgumentTypeError(f"dropouts must be in [0, 1), got {text!r}")
     return values
 
-def _ranks(text:str) -> list[int]:
-    ranks = [r.strip() for r in text.split(",") if r.strip()]
-    if not ranks or not all(r.isdigit() and int(r) >= 1 for r in ranks):
-        raise argparse.ArgumentTypeError(f"expected comma-separated ranks >= 1, got {text!r}")
-    return [int(r) for r in ranks]
-
 def add_bench_arguments(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add the benchmark's options to `parser`."
+    "Add the step benchmark's options to `parser`."
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--dropouts", type=_floats, default=[0.05, 0.0], help="LoRA dropouts, comma-separated (default 0.05,0)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of steps (default 5)")
@@ -304,21 +298,15 @@ def add_bench_arguments(parser:argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run in seconds, not a benchmark")
     parser.add_argument("--no-inference", action="store_true", help="skip the merged/unmerged latency")
     parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
-    sweep = parser.add_argument_group("rank sweep (instead of the step benchmark)")
-    sweep.add_argument("--rank-sweep", type=_ranks, metavar="RANKS", help="fine-tune the demo task at each rank, e.g. 1,2,4,8,16,32")
-    sweep.add_argument("--sweep-steps", type=int, default=DEMO_CONFIG.max_steps, help="training steps per rank (default: the demo's)")
-    sweep.add_argument("--eval-examples", type=int, default=200, help="held-out prompts for exact match (default 200)")
-    sweep.add_argument("--plot", metavar="FILE", help="save the sweep's figure (PNG)")
     return parser
 
 def bench_main(args:argparse.Namespace) -> dict:
-    "Run the benchmark the parsed `args` describe, print the tables, optionally write JSON; returns the result."
+    "Run the step benchmark the parsed `args` describe, print the tables, optionally write JSON; returns the result."
     if args.threads is not None:
-        if args.threads < 1: raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if args.threads < 1: raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but this torch sees no CUDA GPU; use --device cpu.")
-    if args.rank_sweep: return _sweep_main(args)
+        raise ConfigError("--device cuda, but this torch sees no CUDA GPU; use --device cpu.")
     result = run_bench(methods=[m.strip() for m in args.methods.split(",") if m.strip()], dropouts=args.dropouts,
                        repeats=args.repeats, batch_size=args.batch_size, seq_len=args.seq_len, r=args.rank,
                        alpha=args.alpha, device=args.device, model_config=TINY_MODEL if args.tiny else None,
@@ -327,20 +315,38 @@ def bench_main(args:argparse.Namespace) -> dict:
     if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result
 
-def _sweep_main(args:argparse.Namespace) -> dict:
-    if args.sweep_steps < 1 or args.eval_examples < 1: raise ValueError("--sweep-steps and --eval-examples must be >= 1.")
-    results = rank_sweep(args.rank_sweep, replace(DEMO_CONFIG, max_steps=args.sweep_steps), eval_examples=args.eval_examples)
+# %% ../nbs/15_bench.ipynb #5fb86c5d
+def _ranks(text:str) -> list[int]:
+    ranks = [r.strip() for r in text.split(",") if r.strip()]
+    if not ranks or not all(r.isdigit() and int(r) >= 1 for r in ranks):
+        raise argparse.ArgumentTypeError(f"expected comma-separated ranks >= 1, got {text!r}")
+    return [int(r) for r in ranks]
+
+def add_sweep_arguments(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add the rank sweep's options to `parser`."
+    parser.add_argument("--ranks", type=_ranks, default=[1, 2, 4, 8, 16, 32], metavar="RANKS",
+                        help="ranks to fine-tune the demo task at, comma-separated (default 1,2,4,8,16,32)")
+    parser.add_argument("--steps", type=int, default=DEMO_CONFIG.max_steps, help="training steps per rank (default: the demo's)")
+    parser.add_argument("--eval-examples", type=int, default=200, help="held-out prompts for exact match (default 200)")
+    parser.add_argument("--plot", metavar="FILE", help="save the sweep's figure (PNG)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return parser
+
+def sweep_main(args:argparse.Namespace) -> list[dict]:
+    "Run the rank sweep the parsed `args` describe, print its table, optionally plot and write JSON; returns the rows."
+    if args.steps < 1 or args.eval_examples < 1: raise ConfigError("--steps and --eval-examples must be >= 1.")
+    results = rank_sweep(args.ranks, replace(DEMO_CONFIG, max_steps=args.steps), eval_examples=args.eval_examples)
     print(format_rank_sweep(results))
     if args.plot: plot_rank_sweep(results, args.plot)
     if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
-    return dict(rank_sweep=results)
+    return results
 
 def main(argv:list[str]|None=None):
-    "`python -m lora_kit.bench [options]`."
+    "`python -m lora_kit.bench [options]`: the step benchmark."
     parser = add_bench_arguments(argparse.ArgumentParser(prog="python -m lora_kit.bench", description=__doc__))
     args = parser.parse_args(argv)
     try: bench_main(args)
-    except ValueError as e: parser.error(str(e))
+    except LoraKitError as e: parser.error(str(e))
 
 # %% ../nbs/15_bench.ipynb #40a3244e
 if __name__ == "__main__": main()

@@ -30,7 +30,7 @@ def pick(small, # value used under `nbdev-test`
     "`small` under test, `full` otherwise: one call per size that decides how long a lesson cell runs."
     return small if in_test() else full
 
-# %% ../nbs/00_core.ipynb #bcfb78d0
+# %% ../nbs/00_core.ipynb #c5a3063a
 class LoraKitError(ValueError):
     "Bad input a user can fix; the message names the problem and the fix. `lora-kit` prints it on one line, exit code 2."
 
@@ -136,7 +136,7 @@ def atomic_write(path:str|Path, # the file to (re)place
         raise
     return path
 
-# %% ../nbs/00_core.ipynb #fee63a5c
+# %% ../nbs/00_core.ipynb #a2bc349e
 def _default_dir_mode() -> int:
     "The mode `mkdir()` gives a new folder: 0o777 less the umask."
     return 0o777 & ~_umask()
@@ -165,7 +165,7 @@ def atomic_folder(path:str|Path, # the folder to (re)place
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-# %% ../nbs/00_core.ipynb #7b153889
+# %% ../nbs/00_core.ipynb #efb40f06
 def asset_path(*parts:str) -> Path:
     "Path of the package data `lora_kit/assets/<parts>` (it may not exist yet if `parts` names a file to build)."
     return Path(str(files("lora_kit"))).joinpath("assets", *parts)

@@ -221,7 +221,7 @@ def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibl
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     return chunked_cross_entropy(hidden, head.weight, targets, chunk_size, reduction=reduction)
 
-# %% ../nbs/06_efficient.ipynb #4145abd6
+# %% ../nbs/06_efficient.ipynb #6d23b4af
 def use_efficient_layers(model:nn.Module) -> nn.Module:
     "Turn every plain `LoRALinear` of `model` into an `EfficientLoRALinear` in place (same parameters and state)."
     for layer in adapter_layers(model).values():

@@ -118,7 +118,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self): return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, merged={self.merged}"
 
-# %% ../nbs/02_layers.ipynb #6fe00e82
+# %% ../nbs/02_layers.ipynb #4dccb9ec
 ADAPTER_LAYERS = []  # registered adapter-layer classes; `adapter_layer_for` chooses among them
 
 def register_adapter_layer(cls:type) -> type:

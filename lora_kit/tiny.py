@@ -7,19 +7,17 @@ Docs: https://lora-kit.github.io/lora_kit/tiny_base.html.md"""
 
 # %% auto #0
 __all__ = ['PRONOUNS', 'NOUNS', 'ADJECTIVES', 'DETERMINERS', 'VERBS', 'PLACES', 'TIMES', 'TENSE_MARKERS', 'INSTRUCTION',
-           'LLAMA2_CHAT_TEMPLATE', 'BASE_DIR', 'noun_phrase', 'sentence_pair', 'document', 'corpus', 'demo_task',
-           'write_jsonl', 'write_demo_task', 'train_tokenizer', 'tiny_base_config', 'pretrain', 'base_path',
-           'build_tiny_base', 'load_base']
+           'noun_phrase', 'sentence_pair', 'document', 'corpus', 'demo_task', 'write_jsonl', 'write_demo_task',
+           'train_tokenizer', 'tiny_base_config', 'pretrain', 'base_path', 'build_tiny_base', 'generate', 'exact_match']
 
 # %% ../nbs/09_tiny_base.ipynb #66fda2ba
-import json, math, os, random, shutil, tempfile, time
-from importlib.resources import files
+import json, math, random, time
 from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from .core import SPECIAL_TOKENS
-from .data import demo_path
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from .core import SPECIAL_TOKENS, asset_path, atomic_folder, atomic_write
+from .data import LLAMA2_CHAT_TEMPLATE, demo_path, prompt_and_reference
 
 # %% ../nbs/09_tiny_base.ipynb #2f3b297a
 PRONOUNS = {"i": "saya", "you": "kamu", "we": "kami", "they": "mereka", "he": "dia", "she": "dia"}
@@ -100,25 +98,16 @@ def demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[list[dict],
 # %% ../nbs/09_tiny_base.ipynb #4aff37e2
 def write_jsonl(rows:list[dict], path:str|Path) -> Path:
     "Write `rows` as JSON Lines (UTF-8), atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
 
-def write_demo_task(n_train:int=2000, n_eval:int=200, seed:int=1) -> tuple[Path, Path]:
-    "Generate the demo task and write it to `demo_path('train')` and `demo_path('eval')`."
-    train, evaluation = demo_task(n_train, n_eval, seed)
-    return write_jsonl(train, demo_path("train")), write_jsonl(evaluation, demo_path("eval"))
-
-# %% ../nbs/09_tiny_base.ipynb #675bb3fc
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
-    "{% else %}{% set system = '' %}{% endif %}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}{% set content = m['content'] %}"
-    "{% if loop.first and system %}{% set content = '<<SYS>>\\n' + system.strip() + '\\n<</SYS>>\\n\\n' + content %}{% endif %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+def write_demo_task(n_train:int=2000, n_eval:int=200, seed:int=1,
+                    folder:str|Path|None=None, # default: the package's data folder, where `demo_path` looks
+                   ) -> Path:
+    "Generate the demo task and write its train and eval files into `folder`, all or nothing."
+    folder = Path(folder or demo_path().parent)
+    with atomic_folder(folder) as tmp:
+        for split, rows in zip(("train", "eval"), demo_task(n_train, n_eval, seed)): write_jsonl(rows, tmp / demo_path(split).name)
+    return folder
 
 # %% ../nbs/09_tiny_base.ipynb #872292c3
 def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizerFast:
@@ -160,30 +149,48 @@ def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
     return losses
 
 # %% ../nbs/09_tiny_base.ipynb #10b31736
-BASE_DIR = Path(str(files("lora_kit"))) / "assets" / "tiny_base"  # package data
-
 def base_path() -> Path:
     "Folder of the pretrained tiny base shipped with the package; `AutoModelForCausalLM.from_pretrained` loads it."
-    return BASE_DIR
+    return asset_path("tiny_base")
 
 # %% ../nbs/09_tiny_base.ipynb #ec98eec2
-def build_tiny_base(out:str|Path=BASE_DIR, n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
-    "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, atomically."
+def build_tiny_base(out:str|Path|None=None, # default: the package's `base_path()`
+                    n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
+    "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, all or nothing."
     lines = corpus(n_documents, seed)
     tokenizer = train_tokenizer(lines[:20_000])
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_base_config(len(tokenizer)))
     pretrain(model, tokenizer, lines, steps=steps, seed=seed)
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp_"))
-    model.eval().save_pretrained(tmp); tokenizer.save_pretrained(tmp)
-    tmp.chmod(0o755)  # readable by all, like any installed package data
-    for f in tmp.iterdir(): f.chmod(0o644)
-    if out.exists(): shutil.rmtree(out)
-    os.replace(tmp, out)
+    out = Path(out or base_path())
+    with atomic_folder(out) as tmp: model.eval().save_pretrained(tmp); tokenizer.save_pretrained(tmp)
     return out
 
-# %% ../nbs/09_tiny_base.ipynb #61327df1
-def load_base() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    "The shipped tiny base (in eval mode) and its tokenizer, loaded from package data with no network."
-    return AutoModelForCausalLM.from_pretrained(base_path()).eval(), AutoTokenizer.from_pretrained(base_path())
+# %% ../nbs/09_tiny_base.ipynb #78a9b1b3
+@torch.no_grad()
+def generate(model, tokenizer,
+             prompts:list[str], # exact texts given to the model (special tokens written out, e.g. `<s>[INST] ...`)
+             max_new_tokens:int=48,
+             temperature:float=0.0, # 0: greedy; above 0: sampled
+             top_p:float=1.0, # nucleus sampling when sampled
+            ) -> list[str]:
+    "Continuations of `prompts`, stopping at end-of-sequence, special tokens removed."
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+# %% ../nbs/09_tiny_base.ipynb #940074f3
+def exact_match(model, tokenizer, conversations:list[list[dict]], template="llama2", batch_size:int=32,
+                max_new_tokens:int=48) -> tuple[float, list[dict]]:
+    "Share of `conversations` whose greedy reply equals the reference, and every `prompt_text`/`expected`/`generated`."
+    pairs = [prompt_and_reference(m, tokenizer, template) for m in conversations]
+    samples = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        outputs = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens)
+        samples += [dict(prompt_text=p, expected=e, generated=g) for (p, e), g in zip(chunk, outputs)]
+    return sum(s["generated"] == s["expected"] for s in samples) / max(len(samples), 1), samples

@@ -45,8 +45,8 @@ def cases(tmp):
         "estimate seq-len 0": (["estimate", "--seq-len", "0"], "seq_len"),
         "unknown subcommand": (["frobnicate"], "invalid choice"),
         "bench threads 0": (["bench", "--threads", "0"], "--threads must be >= 1"),
-        "rank sweep with rank 0": (["bench", "--rank-sweep", "8,0"], "expected comma-separated ranks >= 1"),
-        "rank sweep with 0 steps": (["bench", "--rank-sweep", "8", "--sweep-steps", "0"], "--sweep-steps and --eval-examples must be >= 1"),
+        "rank sweep with rank 0": (["rank-sweep", "--ranks", "8,0"], "expected comma-separated ranks >= 1"),
+        "rank sweep with 0 steps": (["rank-sweep", "--ranks", "8", "--steps", "0"], "--steps and --eval-examples must be >= 1"),
     }
 
 

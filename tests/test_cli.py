@@ -100,3 +100,29 @@ def test_console_script_exits_2_on_bad_input():
     r = lora_kit("frobnicate")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_only_the_kits_error_family_is_reported_as_bad_input(monkeypatch, capsys):
+    "A bug (any exception outside `LoraKitError`) keeps its traceback instead of looking like bad input."
+    import lora_kit.cli as cli
+    def buggy(args): raise KeyError("a bug in the kit")
+    monkeypatch.setattr(cli, "_print_estimate", buggy)
+    with pytest.raises(KeyError, match="a bug in the kit"): cli.main(["estimate"])
+    def plain_value_error(args): raise ValueError("not the kit's bad-input family")
+    monkeypatch.setattr(cli, "_print_estimate", plain_value_error)
+    with pytest.raises(ValueError): cli.main(["estimate"])
+
+
+def test_a_non_finite_loss_exits_with_3(monkeypatch, capsys):
+    import lora_kit.cli as cli
+    from lora_kit.train import NonFiniteLossError
+    def diverged(args): raise NonFiniteLossError("The loss was nan at step 7; the last good adapter is saved in out.")
+    monkeypatch.setattr(cli, "_print_estimate", diverged)
+    assert cli.main(["estimate"]) == 3
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_finetune_settings_are_checked_before_anything_loads(tmp_path, capsys):
+    r = in_process(capsys, "finetune", "--alpha", "nan", "--output", str(tmp_path / "out"))
+    assert r.returncode == 2 and "alpha=nan" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()

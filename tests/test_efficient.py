@@ -67,9 +67,14 @@ def assert_same(a, b, eps=1e-5):
         assert torch.allclose(grads_a[name], grads_b[name], atol=eps, rtol=1e-4), name
 
 
-def test_add_lora_uses_the_efficient_layer_by_default():
+def test_add_lora_builds_the_plain_layer_and_use_efficient_layers_swaps_it_in_place():
+    from lora_kit.efficient import use_efficient_layers
     model = add_lora(tiny_llama(), "all-linear")
-    assert all(type(m) is EfficientLoRALinear for m in model.modules() if isinstance(m, LoRALinear))
+    assert {type(m) for m in model.modules() if isinstance(m, LoRALinear)} == {LoRALinear}
+    params = [id(p) for p in model.parameters()]
+    use_efficient_layers(model)
+    assert {type(m) for m in model.modules() if isinstance(m, LoRALinear)} == {EfficientLoRALinear}
+    assert [id(p) for p in model.parameters()] == params
 
 
 def test_gradients_equal_plain_autograd_without_dropout():

@@ -5,7 +5,8 @@ import pytest, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_kit.core import byte_tokenizer, tiny_llama
-from lora_kit.finetune import generate, load_adapted
+from lora_kit.finetune import load_adapted
+from lora_kit.tiny import generate
 from lora_kit.inject import add_lora, save_adapter
 
 PROMPT = "<s>Halo dunia"
@@ -67,7 +68,7 @@ def test_finetune_output_folder_loads_in_peft_and_has_the_metrics(tmp_path):
     from dataclasses import replace
     from peft import AutoPeftModelForCausalLM
     from lora_kit.finetune import DEMO_CONFIG, finetune
-    finetune(output=tmp_path, eval_examples=12, config=replace(DEMO_CONFIG, max_steps=3))
+    finetune(output=tmp_path, eval_examples=12, train=replace(DEMO_CONFIG, max_steps=3))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("base_model", "trainable_params", "total_params", "steps", "train_seconds", "tokens_per_second",
                 "peak_memory_bytes", "eval_loss_before", "eval_loss_after", "eval_accuracy_before", "eval_accuracy_after"):
@@ -78,6 +79,24 @@ def test_finetune_output_folder_loads_in_peft_and_has_the_metrics(tmp_path):
     ours, tok = load_adapted(tmp_path)
     ids = tok(metrics["samples"][0]["prompt_text"], return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad(): assert (theirs(ids).logits - ours(ids).logits).abs().max() < 1e-5
+
+
+def test_finetune_trains_with_the_efficient_layer_and_holds_out_with_datasets(tmp_path):
+    "The measured benefit of lesson 06 is what the job gives by default; no eval file means a seeded 5% hold-out."
+    import json
+    from dataclasses import replace
+    from lora_kit.data import demo_path
+    from lora_kit.efficient import EfficientLoRALinear
+    from lora_kit.finetune import DEMO_CONFIG, FinetuneConfig, split_data
+    config = FinetuneConfig(data=str(demo_path("train")), output=tmp_path, eval_examples=500, train=replace(DEMO_CONFIG, max_steps=1))
+    train_ds, eval_ds = split_data(config)
+    assert (len(train_ds), len(eval_ds)) == (1900, 100)
+    assert not {json.dumps(m) for m in train_ds["messages"]} & {json.dumps(m) for m in eval_ds["messages"]}
+    assert split_data(config)[1]["messages"] == eval_ds["messages"]  # seeded: the same split every run
+    from lora_kit.train import train
+    model = add_lora(tiny_llama(), ["q_proj"], r=2)
+    train(model, [dict(input_ids=[1, 5, 6, 7], labels=[-100, 5, 6, 7])], config=replace(DEMO_CONFIG, max_steps=1))
+    assert {type(m).__name__ for m in model.modules() if hasattr(m, "loraplus_parameters")} == {EfficientLoRALinear.__name__}
 
 
 def test_cli_finetune_prints_the_summary_and_writes_the_folder(tmp_path):
