@@ -7,17 +7,17 @@ Docs: https://lora-kit.github.io/lora_kit/accounting.html.md"""
 # %% auto #0
 __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'LINEAR_INPUT', 'QUANT_BLOCK', 'DTYPE_BYTES', 'ADAPTER_BYTES',
            'OPTIMIZERS', 'ADAM8_BLOCK', 'ADAM8_MIN_SIZE', 'ADAM8_CODE', 'ATTENTION', 'GPUS', 'GPU_RESERVE',
-           'MEMORY_KINDS', 'load_config', 'head_dim', 'block_linears', 'resolve_targets', 'adapter_params',
+           'MEMORY_KINDS', 'GIB', 'load_config', 'head_dim', 'block_linears', 'resolve_targets', 'adapter_params',
            'param_counts', 'grad_flow', 'block_flops', 'train_flops', 'dequant_flops', 'inference_flops',
            'quantized_bytes', 'weight_bytes', 'gradient_bytes', 'trainable_tensors', 'optimizer_bytes',
            'block_saved_bytes', 'loss_saved_bytes', 'saved_bytes', 'memory_bytes', 'fits', 'estimate', 'fit_table',
-           'plot_memory']
+           'plot_memory', 'dashboard_data']
 
 # %% ../nbs/04_accounting.ipynb #1fd5019f
 import json, math
 from pathlib import Path
 from transformers import LlamaConfig
-from .core import LLAMA2_SHAPES, llama2_config, tiny_llama_config
+from .core import LLAMA2_SHAPES, ConfigError, asset_path, llama2_config
 
 # %% ../nbs/04_accounting.ipynb #53e1c466
 MODEL_PRESETS = (*LLAMA2_SHAPES, "tiny")
@@ -25,20 +25,19 @@ _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 
 def load_config(model:str|Path|LlamaConfig, # a name in `MODEL_PRESETS`, a path to an HF config.json, or a config
                ) -> LlamaConfig:
-    "The `LlamaConfig` of a preset or of a `config.json` file; `ValueError` with a one-line reason if neither."
+    "The `LlamaConfig` of a preset or of a `config.json` file; `ConfigError` with a one-line reason if neither."
     if isinstance(model, LlamaConfig): return model
-    if str(model) == "tiny": return tiny_llama_config()
     if str(model) in LLAMA2_SHAPES: return llama2_config(str(model))
-    path = Path(model)
+    path = asset_path("tiny_base", "config.json") if str(model) == "tiny" else Path(model)
     if not path.is_file():
-        raise ValueError(f"{model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a config.json file")
+        raise ConfigError(f"{model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a config.json file")
     try: fields = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(fields, dict): raise ValueError(f"{path} must hold a JSON object, not {type(fields).__name__}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(fields, dict): raise ConfigError(f"{path} must hold a JSON object, not {type(fields).__name__}")
     missing = [k for k in _REQUIRED_KEYS if not isinstance(fields.get(k), int)]
-    if missing: raise ValueError(f"{path} lacks integer field(s) {', '.join(missing)} of a LLaMA config")
+    if missing: raise ConfigError(f"{path} lacks integer field(s) {', '.join(missing)} of a LLaMA config")
     biased = [k for k in ("attention_bias", "mlp_bias") if fields.get(k)]
-    if biased: raise ValueError(f"{path} sets {', '.join(biased)}: the accounting covers LLaMA's bias-free linears only")
+    if biased: raise ConfigError(f"{path} sets {', '.join(biased)}: the accounting covers LLaMA's bias-free linears only")
     return LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
 
 # %% ../nbs/04_accounting.ipynb #ff241488
@@ -61,15 +60,15 @@ def resolve_targets(targets:str|tuple|list, # `"all-linear"`, or names from `LLA
     if isinstance(targets, str): targets = LLAMA_LINEARS if targets == "all-linear" else targets.split(",")
     targets = tuple(dict.fromkeys(t.strip() for t in targets if t.strip()))
     unknown, fix = [t for t in targets if t not in LLAMA_LINEARS], f"use 'all-linear' or names from {','.join(LLAMA_LINEARS)}"
-    if not targets: raise ValueError(f"no LoRA targets given: {fix}")
-    if unknown: raise ValueError(f"LoRA targets {', '.join(unknown)} unknown: {fix}")
+    if not targets: raise ConfigError(f"no LoRA targets given: {fix}")
+    if unknown: raise ConfigError(f"LoRA targets {', '.join(unknown)} unknown: {fix}")
     return targets
 
 # %% ../nbs/04_accounting.ipynb #a01657ca
 METHODS = ("full", "lora", "qlora")
 
 def _check_method(method):
-    if method not in METHODS: raise ValueError(f"method {method!r} unknown: use one of {', '.join(METHODS)}")
+    if method not in METHODS: raise ConfigError(f"method {method!r} unknown: use one of {', '.join(METHODS)}")
 
 def adapter_params(config:LlamaConfig, rank:int=8, targets=("q_proj", "v_proj")) -> int:
     "Parameters of rank-`rank` LoRA adapters on `targets` in every block."
@@ -171,7 +170,7 @@ def quantized_bytes(n_in:int, n_out:int, quant:str="nf4", double_quant:bool=True
     "Bytes of one `n_in → n_out` weight quantized by bitsandbytes, constants included."
     n = n_in * n_out
     if quant == "int8": return n + 4 * n_out  # int8 weights + an fp32 scale per row
-    if quant != "nf4": raise ValueError(f"quant {quant!r} unknown: use nf4 or int8")
+    if quant != "nf4": raise ConfigError(f"quant {quant!r} unknown: use nf4 or int8")
     blocks, nf4_code = math.ceil(n / QUANT_BLOCK), 16 * 4
     if not double_quant: return (n + 1) // 2 + 4 * blocks + nf4_code
     return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4 + nf4_code
@@ -208,7 +207,7 @@ def trainable_tensors(config:LlamaConfig, method:str="lora", rank:int=8, targets
 def optimizer_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
                     optimizer:str="adamw") -> int:
     "Bytes of AdamW's two moments: fp32 (`adamw`), or bitsandbytes' blockwise 8-bit (`adamw8bit`)."
-    if optimizer not in OPTIMIZERS: raise ValueError(f"optimizer {optimizer!r} unknown: use one of {', '.join(OPTIMIZERS)}")
+    if optimizer not in OPTIMIZERS: raise ConfigError(f"optimizer {optimizer!r} unknown: use one of {', '.join(OPTIMIZERS)}")
     tensors = trainable_tensors(config, method, rank, targets)
     if optimizer == "adamw": return sum(8 * n * c for n, c in tensors)
     def one(n): return 2 * n + 2 * 4 * math.ceil(n / ADAM8_BLOCK) if n >= ADAM8_MIN_SIZE else 8 * n
@@ -260,7 +259,7 @@ def saved_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
                 grad_checkpointing:bool=False) -> int:
     "Bytes autograd holds at the end of the forward pass, loss included."
     _check_method(method)
-    if attn not in ATTENTION: raise ValueError(f"attn {attn!r} unknown: use one of {', '.join(ATTENTION)}")
+    if attn not in ATTENTION: raise ConfigError(f"attn {attn!r} unknown: use one of {', '.join(ATTENTION)}")
     targets, a, T, full = resolve_targets(targets), DTYPE_BYTES[precision], batch_size * seq_len, method == "full"
     d = config.hidden_size
     if grad_checkpointing: blocks = config.num_hidden_layers * T * d * a  # each block's input
@@ -300,9 +299,9 @@ def estimate(model:str|Path|LlamaConfig="llama-2-7b", method:str="lora", rank:in
              attn:str="sdpa", optimizer:str="adamw") -> dict:
     "Everything about one training setup: inputs, parameters, FLOPs per step, memory by kind, fitting GPUs."
     config, targets = load_config(model), resolve_targets(targets)
-    if rank < 1: raise ValueError(f"rank must be >= 1, got {rank}")
-    if seq_len < 1 or batch_size < 1: raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
-    if precision not in DTYPE_BYTES: raise ValueError(f"precision {precision!r} unknown: use one of {', '.join(DTYPE_BYTES)}")
+    if rank < 1: raise ConfigError(f"rank must be >= 1, got {rank}")
+    if seq_len < 1 or batch_size < 1: raise ConfigError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    if precision not in DTYPE_BYTES: raise ConfigError(f"precision {precision!r} unknown: use one of {', '.join(DTYPE_BYTES)}")
     params = param_counts(config, method, rank, targets)
     flops = train_flops(config, method, batch_size, seq_len, rank, targets)
     mem = memory_bytes(config, method, batch_size, seq_len, rank, targets, precision, grad_checkpointing, attn, optimizer)
@@ -344,3 +343,26 @@ def plot_memory(rows:list[dict], # rows of `fit_table`
         ax.axhline(gib, color="gray", lw=0.8, ls="--"); ax.text(len(rows) - 0.5, gib, gpu, va="bottom", ha="right", fontsize=8)
     ax.set_ylabel("GiB"); ax.set_yscale("log"); ax.legend(fontsize=8, ncol=5, loc="upper left")
     return ax
+
+# %% ../nbs/04_accounting.ipynb #6b847b06
+GIB = 2**30
+
+def dashboard_data(model:str|LlamaConfig="llama-2-7b", # a name in `MODEL_PRESETS` or a custom `LlamaConfig`
+                   method:str="lora", rank:int=8, targets=("q_proj", "v_proj"), precision:str="bf16",
+                   seq_len:int=512, batch_size:int=1, grad_checkpointing:bool=False, optimizer:str="adamw",
+                   gpu:str="T4 16GB", # the GPU to judge against, a name in `GPUS`
+                  ) -> dict:
+    "Everything the dashboard shows, as plain numbers."
+    setup = dict(rank=rank, targets=targets, seq_len=seq_len, batch_size=batch_size,
+                 grad_checkpointing=grad_checkpointing, precision=precision, optimizer=optimizer)
+    per_method = {m: estimate(model, m, **setup) for m in METHODS}
+    chosen = per_method[method]
+    return dict(
+        method=method, gpu=gpu,
+        params_total=chosen["params_total"], params_trainable=chosen["params_trainable"],
+        trainable_percent=chosen["trainable_percent"],
+        memory_gib={m: {k: e["memory_bytes"][k] / GIB for k in MEMORY_KINDS} for m, e in per_method.items()},
+        total_gib=chosen["memory_bytes"]["total"] / GIB,
+        flops={m: e["flops_per_step"] for m, e in per_method.items()},
+        dequant_flops=per_method["qlora"]["dequant_flops"],
+        fits=chosen["fits"], fits_gpu=chosen["fits"][gpu])

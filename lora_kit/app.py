@@ -12,11 +12,12 @@ __all__ = ['ENV_MODEL', 'ENV_ADAPTER', 'PAGE_SCRIPT', 'adapter_summary', 'prompt
 import json, os, time
 from pathlib import Path
 from transformers import AutoConfig
+from .core import LoraKitError
+from .inject import adapter_layers, lora_disabled, merge_lora, read_adapter_config, unmerge_lora
+from .accounting import dashboard_data
 from .data import llama2_chat
-from .finetune import DEMO_ADAPTER, BadInput, generate, load_adapted, resolve_model
-from .inject import lora_disabled, merge_lora, read_adapter_config, unmerge_lora
-from .layers import LoRALinear
-from .widgets import dashboard_data
+from .tiny import generate
+from .finetune import DEMO_ADAPTER, load_adapted, resolve_model
 
 # %% ../nbs/16_app.ipynb #44b47333
 def adapter_summary(path:str|Path) -> dict:
@@ -61,7 +62,7 @@ def efficiency(model:str="tiny", rank:int=8, targets=("q_proj", "v_proj"), gpu:s
 # %% ../nbs/16_app.ipynb #e93c50ff
 def adapted_suffixes(model) -> list[str]:
     "Names of the linear layers (`q_proj`, ...) that carry an adapter in `model`."
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    return sorted({name.rsplit(".", 1)[-1] for name in adapter_layers(model)})
 
 # %% ../nbs/16_app.ipynb #050720ef
 ENV_MODEL, ENV_ADAPTER = "LORA_KIT_APP_MODEL", "LORA_KIT_APP_ADAPTER"
@@ -82,7 +83,7 @@ def render():
     try:
         info = adapter_summary(adapter)
         model, tokenizer = load(adapter, model=model_name or None)
-    except (BadInput, ValueError, FileNotFoundError, OSError) as e:
+    except LoraKitError as e:
         st.error(f"Cannot use this adapter with this base: {e}")
         return
     gen, eff, about = st.tabs(["Generate", "Efficiency", "Adapter"])

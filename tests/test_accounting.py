@@ -5,9 +5,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lora_kit import accounting as acc
+from lora_kit.core import ConfigError, asset_path
 
 ALL = list(acc.LLAMA_LINEARS)
 CONFIGS = {
@@ -131,8 +132,17 @@ def test_weights_gradients_optimizer_of_a_real_step():
 
 
 def test_bad_targets_and_methods_name_the_fix():
-    with pytest.raises(ValueError, match="q_proj,k_proj,v_proj"): acc.resolve_targets("query")
-    with pytest.raises(ValueError, match="full, lora, qlora"): acc.train_flops(CONFIGS["mqa"], "dora")
+    with pytest.raises(ConfigError, match="q_proj,k_proj,v_proj"): acc.resolve_targets("query")
+    with pytest.raises(ConfigError, match="full, lora, qlora"): acc.train_flops(CONFIGS["mqa"], "dora")
+    with pytest.raises(ConfigError, match="neither a preset"): acc.estimate("llama-3")
+
+
+def test_tiny_is_the_shipped_base_that_finetune_trains():
+    model = AutoModelForCausalLM.from_pretrained(asset_path("tiny_base"))
+    assert acc.estimate("tiny", "full")["params_total"] == sum(p.numel() for p in model.parameters())
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert acc.estimate("tiny", "lora", rank=8)["params_trainable"] == sum(
+        p.numel() for p in lora.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

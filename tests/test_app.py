@@ -11,6 +11,16 @@ import lora_kit.app as app
 from lora_kit.finetune import DEMO_ADAPTER
 
 
+def test_the_app_loads_the_dashboard_data_not_the_widgets():
+    "A fresh interpreter imports each module; only the widgets lesson may pull in ipywidgets."
+    loads_ipywidgets = {}
+    for module in ("lora_kit.app", "lora_kit.widgets"):  # lora_kit.widgets: the check can see ipywidgets
+        r = subprocess.run([sys.executable, "-c", f"import sys, {module}; print('ipywidgets' in sys.modules)"],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        loads_ipywidgets[module] = r.stdout.strip()
+    assert loads_ipywidgets == {"lora_kit.app": "False", "lora_kit.widgets": "True"}
+
 
 @pytest.fixture
 def page(monkeypatch):

@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from lora_kit.widgets import Dashboard
+from lora_kit.core import ConfigError
+from lora_kit.widgets import Dashboard, custom_config
 
 
 def test_dashboard_follows_its_widgets():
@@ -29,3 +30,4 @@ def test_bad_settings_show_a_reason_not_numbers():
     dash.model.value = "custom"
     dash.custom["num_key_value_heads"].value = 5  # 32 query heads cannot share 5 key/value heads
     assert dash.data is None and "key/value groups" in dash.summary.value
+    with pytest.raises(ConfigError, match="key/value groups"): custom_config(num_key_value_heads=5)
