@@ -315,7 +315,7 @@ def bench_main(args:argparse.Namespace) -> dict:
     if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result
 
-# %% ../nbs/15_bench.ipynb #5fb86c5d
+# %% ../nbs/15_bench.ipynb #0648a054
 def _ranks(text:str) -> list[int]:
     ranks = [r.strip() for r in text.split(",") if r.strip()]
     if not ranks or not all(r.isdigit() and int(r) >= 1 for r in ranks):

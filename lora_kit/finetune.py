@@ -132,7 +132,7 @@ def split_data(config:FinetuneConfig) -> tuple[datasets.Dataset, datasets.Datase
         train_ds, eval_ds = split["train"], split["test"]
     return train_ds, eval_ds.select(range(min(len(eval_ds), config.eval_examples)))
 
-# %% ../nbs/12_finetune.ipynb #e0e304bc
+# %% ../nbs/12_finetune.ipynb #7dd7f116
 def finetune(config:FinetuneConfig|None=None, # every setting; default: the demo (tiny base, translation task)
              **changes, # fields of `FinetuneConfig` to change, e.g. `output="run1", rank=8`
             ) -> dict:
