@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../nbs/17_cli.ipynb #08ca2ded
 def _quiet_library_bars():
     "Hide the libraries' loading bars (weights, dataset maps): stderr keeps the training bar and the one-line errors."
+    import logging
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # on CPU it warns at import that it cannot download a kernel
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is first imported

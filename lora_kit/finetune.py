@@ -16,14 +16,13 @@ from functools import partial
 from pathlib import Path
 import datasets, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from .core import ConfigError, asset_path, atomic_folder, atomic_write
+from .core import ConfigError, LoraKitError, asset_path, atomic_folder, atomic_write
 from .inject import (ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_targets, load_adapter,
                              read_adapter_config, remove_lora, save_adapter)
 from .accounting import estimate
 from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, tokenize_dataset
 from .tiny import base_path, exact_match
 from .train import NonFiniteLossError, TrainConfig, evaluate_loss, plot_history, train
-from .qlora import prepare_for_kbit_training
 
 DEMO_TARGETS = ("v_proj", "o_proj")  # where a word's translation is written: see "The defaults" below
 DEMO_RANK, DEMO_ALPHA = 16, 32
@@ -57,6 +56,7 @@ def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
             return load_4bit(name, compute_dtype=dtype, **remote), tokenizer
         from lora_kit.qlora import default_compute_dtype
         base = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or default_compute_dtype(), **remote)
+    except LoraKitError: raise  # already says what to fix (e.g. the pip install that adds bitsandbytes)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {model}: cannot load it ({str(e).splitlines()[0]}). Offline, use 'tiny' or a local folder.") from None
     if torch.cuda.is_available(): base = base.cuda()
@@ -148,7 +148,6 @@ def finetune(config:FinetuneConfig|None=None, # every setting; default: the demo
     if c.epochs: tc = replace(tc, max_steps=max(1, math.ceil(c.epochs * len(train_rows) / (tc.batch_size * tc.grad_accum))))
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     before_loss, (before_acc, _) = evaluate_loss(base, eval_rows, collate_fn), exact_match(base.eval(), tokenizer, eval_conv, c.template)
-    if c.four_bit: prepare_for_kbit_training(base, tc.grad_checkpointing)
     torch.manual_seed(tc.seed)  # the adapters' initial A: the same run gives the same adapter
     add_lora(base, c.targets, r=c.rank, alpha=c.alpha, dropout=c.dropout, use_rslora=c.use_rslora)
     try: result = train(base, train_rows, eval_rows, tc, output_dir=output, resume_from=output if c.resume else None,

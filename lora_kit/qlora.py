@@ -13,13 +13,15 @@ __all__ = ['require_bitsandbytes', 'nf4_levels', 'quantize_nf4', 'dequantize_nf4
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from .core import MissingExtraError
+from .train import enable_gradient_checkpointing
 
 # %% ../nbs/11_qlora.ipynb #2e49a21e
 def require_bitsandbytes():
-    "Import and return bitsandbytes, or raise `ImportError` saying how to install it."
+    "Import and return bitsandbytes, or raise `MissingExtraError` (an `ImportError`) saying how to install it."
     try: import bitsandbytes
     except ImportError:
-        raise ImportError("4-bit (QLoRA) needs bitsandbytes: pip install 'lora_kit[qlora]' (or pip install bitsandbytes).") from None
+        raise MissingExtraError("4-bit (QLoRA) needs bitsandbytes: pip install 'lora_kit[qlora]' (or pip install bitsandbytes).") from None
     return bitsandbytes
 
 # %% ../nbs/11_qlora.ipynb #39ba7561
@@ -92,10 +94,8 @@ def load_4bit(name_or_path:str, # a Hub id (in Colab) or a local checkpoint fold
 def prepare_for_kbit_training(model:nn.Module, # a model loaded in 4 or 8 bits
                               gradient_checkpointing:bool=False, # recompute activations in backward to save memory
                              ) -> nn.Module:
-    "Set up gradient checkpointing so gradients still reach the adapters; unlike peft, up-cast no weight."
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph at the first block
+    "Set up gradient checkpointing (lesson 10's `enable_gradient_checkpointing`) if asked; unlike peft, up-cast no weight."
+    if gradient_checkpointing: enable_gradient_checkpointing(model)
     return model
 
 # %% ../nbs/11_qlora.ipynb #222e1fca

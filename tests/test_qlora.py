@@ -66,7 +66,15 @@ def test_nf4_levels_match_bitsandbytes():
     assert torch.allclose(nf4_levels(), F.get_4bit_type("nf4", device="cpu"), atol=1e-4)
 
 
-def test_missing_bitsandbytes_says_how_to_install():
-    code = "import sys; sys.modules['bitsandbytes'] = None\nfrom lora_kit.qlora import load_4bit\nload_4bit('x')"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "pip install 'lora_kit[qlora]'" in r.stderr
+MISSING = """import sys; sys.modules['bitsandbytes'] = None
+from lora_kit.core import MissingExtraError
+from lora_kit.qlora import load_4bit
+try: load_4bit('x')
+except MissingExtraError as e: print(isinstance(e, ImportError), e)
+"""
+
+
+def test_missing_bitsandbytes_is_the_kits_error_and_says_how_to_install():
+    r = subprocess.run([sys.executable, "-c", MISSING], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("True ") and "pip install 'lora_kit[qlora]'" in r.stdout, r.stdout

@@ -7,10 +7,11 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
-from lora_kit.core import tiny_llama
-from lora_kit.inject import add_lora
+import lora_kit.train
+from lora_kit.core import LoraKitError, partial_folder, tiny_llama
+from lora_kit.inject import adapter_state_dict, add_lora
 from lora_kit.layers import LoRALinear
-from lora_kit.train import CHECKPOINTS, NonFiniteLossError, TrainConfig, checkpoints, train
+from lora_kit.train import CHECKPOINTS, NonFiniteLossError, TrainConfig, checkpoints, latest_checkpoint, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import examples  # noqa: E402
@@ -44,7 +45,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL); proc.wait()
     assert not (out / "rank0").exists(), "the run finished before SIGKILL: make it slower"
-    assert all(not p.name.endswith(".tmp") for p in checkpoints(out))
+    for saved in checkpoints(out):  # only whole ones: what `save_checkpoint` writes, all of it
+        assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt", "rng_state_0.pt"} <= {p.name for p in saved.iterdir()}
     assert_same(worker(out, "--resume"), straight)
 
 
@@ -57,11 +59,47 @@ def test_broken_latest_checkpoint_is_an_error_or_falls_back(tmp_path):
     straight = fresh()
     train(straight, examples(), config=cfg, output_dir=tmp_path)
     (tmp_path / CHECKPOINTS / "step-000008" / "trainer_state.pt").write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="step-000008 cannot be resumed from"):
+    with pytest.raises(LoraKitError, match="step-000008 cannot be resumed from"):
         train(fresh(), examples(), config=cfg, resume_from=tmp_path)
     with pytest.warns(UserWarning, match="Falling back to step-000004"):
         resumed = train(model := fresh(), examples(), config=cfg, resume_from=tmp_path, resume_fallback=True)
     for a, b in zip(straight.parameters(), model.parameters()): assert torch.allclose(a, b, atol=1e-6)
+
+
+def small_run(output_dir, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=2, alpha=4)
+    train(model, examples(), config=TrainConfig(max_steps=4, batch_size=2, lr=5e-3, save_every=2, seed=seed, **kwargs),
+          output_dir=output_dir)
+    return model
+
+
+def test_saving_a_step_again_replaces_that_checkpoint(tmp_path):
+    first = adapter_state_dict(small_run(tmp_path))
+    second = adapter_state_dict(small_run(tmp_path, seed=1))  # a new run into the same folder writes steps 2 and 4 again
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+    saved = load_file(tmp_path / CHECKPOINTS / "step-000004" / "adapter_model.safetensors")
+    assert saved.keys() == second.keys()
+    for key in saved: assert torch.equal(saved[key], second[key]) and not torch.equal(saved[key], first[key]), key
+    assert not [p.name for p in (tmp_path / CHECKPOINTS).iterdir() if p.name.startswith(".")]
+
+
+def test_a_partial_checkpoint_is_never_listed_or_resumed_from(tmp_path):
+    small_run(tmp_path)
+    left = partial_folder(tmp_path / CHECKPOINTS / "step-000006")  # as a run killed while writing step 6 leaves it
+    left.mkdir()
+    (left / "trainer_state.pt").write_bytes(b"half")
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+    assert latest_checkpoint(tmp_path).name == "step-000004"
+    train(add_lora(tiny_llama(), ["q_proj", "v_proj"], r=2, alpha=4), examples(),
+          config=TrainConfig(max_steps=4, batch_size=2, save_every=2), resume_from=tmp_path)
+
+
+def test_a_checkpoint_that_fails_while_written_leaves_nothing(tmp_path, monkeypatch):
+    def disk_full(*args): raise OSError("No space left on device")
+    monkeypatch.setattr(lora_kit.train, "save_adapter", disk_full)
+    with pytest.raises(OSError, match="No space left"): small_run(tmp_path)
+    assert list((tmp_path / CHECKPOINTS).iterdir()) == []
 
 
 class Payload:
@@ -74,7 +112,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     train(add_lora(tiny_llama(), ["q_proj"], r=2), examples(), config=cfg, output_dir=tmp_path)
     marker = tmp_path / "pwned"
     with open(tmp_path / CHECKPOINTS / "step-000002" / "trainer_state.pt", "wb") as f: pickle.dump(Payload(marker), f)
-    with pytest.raises(ValueError, match="cannot be resumed from"):
+    with pytest.raises(LoraKitError, match="cannot be resumed from"):
         train(add_lora(tiny_llama(), ["q_proj"], r=2), examples(), config=cfg, resume_from=tmp_path)
     assert not marker.exists(), "the pickle's code ran"
 

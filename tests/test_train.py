@@ -1,12 +1,97 @@
-"The training loop under two processes (torchrun, gloo on CPU) matches one process with the same global batch."
-import json, os, subprocess, sys
+"The training loop: its settings, its layers and optimizer groups, and two processes (torchrun, gloo on CPU) matching one."
+import json, math, os, subprocess, sys
+from dataclasses import fields
 from pathlib import Path
 
-import torch
+import pytest, torch
 from safetensors.torch import load_file
+
+from lora_kit.core import ConfigError, LoraKitError, tiny_llama
+from lora_kit.efficient import EfficientLoRALinear
+from lora_kit.inject import adapter_layers, adapter_state_dict, add_lora
+from lora_kit.layers import LoRALinear
+from lora_kit.train import CHECKPOINTS, TrainConfig, optimizer_groups, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_worker import examples  # noqa: E402
 
 WORKER = Path(__file__).with_name("train_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+BAD_SETTINGS = [  # (field, refused value): every field of TrainConfig at least once
+    ("max_steps", 0), ("max_steps", 2.5), ("max_steps", True), ("batch_size", 0), ("grad_accum", -1),
+    ("lr", 0.0), ("lr", -1e-3), ("lr", math.nan), ("lr", math.inf), ("lr", "1e-3"),
+    ("loraplus_lr_ratio", 0), ("loraplus_lr_ratio", math.nan), ("warmup_steps", -1), ("warmup_steps", 1.0),
+    ("schedule", "constant"), ("schedule", None), ("weight_decay", -0.1), ("weight_decay", math.inf),
+    ("max_grad_norm", 0.0), ("max_grad_norm", math.nan), ("precision", "fp32"), ("precision", None),
+    ("grad_checkpointing", 1), ("efficient_layers", "yes"), ("eval_every", -1), ("save_every", 0.5), ("seed", -1),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD_SETTINGS)
+def test_a_setting_out_of_range_is_refused_naming_field_value_and_what_is_accepted(name, value):
+    with pytest.raises(ConfigError) as e: TrainConfig(**{name: value})
+    message = str(e.value)
+    assert message.startswith(f"{name} must be ") and message.endswith(f"got {value!r}"), message
+    assert isinstance(e.value, LoraKitError) and isinstance(e.value, ValueError)
+
+
+def test_every_setting_has_a_refused_case():
+    assert {f.name for f in fields(TrainConfig)} == {name for name, _ in BAD_SETTINGS}
+
+
+def test_settings_at_the_edge_of_their_range_are_accepted():
+    TrainConfig(max_steps=1, lr=1, loraplus_lr_ratio=16, batch_size=1, grad_accum=1, warmup_steps=0, schedule="linear",
+                weight_decay=0, max_grad_norm=1e-9, precision="bf16", grad_checkpointing=True, efficient_layers=False,
+                eval_every=0, save_every=0, seed=0)
+
+
+def trained(efficient_layers):
+    torch.manual_seed(0)
+    model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8)
+    assert {type(layer) for layer in adapter_layers(model).values()} == {LoRALinear}
+    train(model, examples(), config=TrainConfig(max_steps=3, batch_size=3, lr=5e-3, warmup_steps=1,
+                                                efficient_layers=efficient_layers))
+    return model
+
+
+def test_train_switches_plain_layers_to_the_efficient_one_with_the_same_result():
+    efficient, plain = trained(True), trained(False)
+    assert {type(layer) for layer in adapter_layers(efficient).values()} == {EfficientLoRALinear}
+    assert {type(layer) for layer in adapter_layers(plain).values()} == {LoRALinear}
+    ours, reference = adapter_state_dict(efficient), adapter_state_dict(plain)  # reference: the plain autograd layer
+    assert ours.keys() == reference.keys()
+    for key in ours: assert torch.allclose(ours[key], reference[key], atol=1e-6), key
+
+
+class BothFaster(LoRALinear):
+    "An adapter layer whose LoRA+ parameters are A and B: the groups must follow the interface, not the names."
+    def loraplus_parameters(self): return [self.lora_A.weight, self.lora_B.weight]
+
+
+def test_loraplus_group_is_what_the_layers_name_and_frozen_ones_stay_out():
+    model = add_lora(tiny_llama(), ["q_proj"], r=2, layer_cls=BothFaster)
+    frozen = next(iter(adapter_layers(model).values())).lora_A.weight.requires_grad_(False)
+    head = model.lm_head.weight.requires_grad_(True)  # trainable, but no adapter layer's
+    adapters = [p for name, p in model.named_parameters() if "lora_" in name and p is not frozen]
+    slow, fast = optimizer_groups(model, 1e-3, loraplus_lr_ratio=16)
+    assert (slow["lr"], fast["lr"]) == (1e-3, 16e-3)
+    assert [id(p) for p in slow["params"]] == [id(head)]
+    assert {id(p) for p in fast["params"]} == {id(p) for p in adapters} and len(fast["params"]) == len(adapters)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no examples", "train_examples is empty"),
+    ("nothing trainable", "no trainable parameters"),
+    ("fp16 on CPU", "precision='fp16' needs a GPU"),
+])
+def test_bad_input_to_train_is_the_kits_error(case, message):
+    if case == "fp16 on CPU" and torch.cuda.is_available(): pytest.skip("fp16 works on a GPU")
+    model, rows = add_lora(tiny_llama(), ["q_proj"], r=2), examples()
+    config = TrainConfig(max_steps=1, batch_size=2, precision="fp16" if case == "fp16 on CPU" else "no")
+    if case == "no examples": rows = []
+    if case == "nothing trainable": model = tiny_llama().requires_grad_(False)
+    with pytest.raises(LoraKitError, match=message): train(model, rows, config=config)
 
 
 def run(cmd, tmp):
@@ -17,7 +102,7 @@ def run(cmd, tmp):
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     run([sys.executable, str(WORKER), str(tmp_path / "single"), "--grad-accum", "2"], tmp_path)
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(WORKER), str(tmp_path / "ddp")], tmp_path)
+         str(WORKER), str(tmp_path / "ddp"), "--save-every", "3"], tmp_path)
     single = json.loads((tmp_path / "single" / "rank0" / "result.json").read_text())
     ddp = [json.loads((tmp_path / "ddp" / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]
     assert single["world_size"] == 1 and ddp[0]["world_size"] == 2
@@ -27,3 +112,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     for key in weights[0]:
         assert torch.equal(weights[1][key], weights[2][key]), f"ranks disagree on {key}"
         assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5), f"1 vs 2 processes differ on {key}"
+    # each checkpoint was written whole by both processes: the main one's state and each one's RNG state
+    saved = tmp_path / "ddp" / CHECKPOINTS
+    assert sorted(p.name for p in saved.iterdir()) == ["step-000003", "step-000006"]
+    for step in saved.iterdir():
+        assert {"adapter_model.safetensors", "trainer_state.pt", "rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in step.iterdir()}
