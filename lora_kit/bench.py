@@ -172,8 +172,8 @@ def run_bench(methods=DEFAULT_METHODS, # names in `METHODS`
               seed:int=0) -> dict:
     "Step time (median of interleaved repeats), peak memory, saved activations and FLOPs per step of each method."
     if unknown := [m for m in methods if m not in METHODS]:
-        raise ValueError(f"Unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}.")
-    if repeats < 1 or batch_size < 1 or seq_len < 2: raise ValueError("repeats and batch_size must be >= 1 and seq_len >= 2.")
+        raise ConfigError(f"Unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}.")
+    if repeats < 1 or batch_size < 1 or seq_len < 2: raise ConfigError("repeats and batch_size must be >= 1 and seq_len >= 2.")
     config = (model_config or {}) | dict(max_position_embeddings=max(512, seq_len))
     vocab = (BENCH_MODEL | config)["vocab_size"]
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)

@@ -87,7 +87,7 @@ LLAMA2_SHAPES = {  # name: (hidden, intermediate, layers, heads, kv_heads), from
 def llama2_config(name:str="llama-2-7b") -> LlamaConfig:
     "The `LlamaConfig` of a LLaMA-2 size: one of `LLAMA2_SHAPES` (vocabulary 32000, context 4096)."
     if name not in LLAMA2_SHAPES:
-        raise ValueError(f"Unknown LLaMA-2 size {name!r}: use one of {', '.join(LLAMA2_SHAPES)}.")
+        raise ConfigError(f"Unknown LLaMA-2 size {name!r}: use one of {', '.join(LLAMA2_SHAPES)}.")
     hidden, inter, layers, heads, kv_heads = LLAMA2_SHAPES[name]
     return LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
