@@ -85,7 +85,7 @@ class FinetuneConfig:
     rank:int=DEMO_RANK
     alpha:float=DEMO_ALPHA
     dropout:float=0.0
-    targets:str|tuple=DEMO_TARGETS # names (a tuple, or comma-separated), a full-match regex, or "all-linear"
+    targets:str|tuple=DEMO_TARGETS # module-name suffixes (a tuple, or comma-separated), or "all-linear"
     use_rslora:bool=False
     four_bit:bool=False # QLoRA: NF4 base (bitsandbytes)
     template:str="llama2" # a name in `lora_kit.data.TEMPLATES`, or "chat" for the tokenizer's own
@@ -96,7 +96,7 @@ class FinetuneConfig:
     train:TrainConfig=field(default_factory=lambda: replace(DEMO_CONFIG)) # steps, lr, batch size, precision, checkpoints, seed
 
     def __post_init__(self):
-        if isinstance(self.targets, str) and self.targets != ALL_LINEAR and "," in self.targets:
+        if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         if not isinstance(self.rank, int) or self.rank < 1: raise ConfigError(f"rank={self.rank!r} must be an integer >= 1.")
         if not 0 < self.alpha < math.inf: raise ConfigError(f"alpha={self.alpha!r} must be a number > 0 (a common choice is 2*rank).")
