@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from .core import ConfigError, LoraKitError, asset_path, atomic_folder, atomic_write
+from .layers import check_lora_args
 from .inject import (ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_targets, load_adapter,
                              read_adapter_config, remove_lora, save_adapter)
 from .accounting import estimate
@@ -140,7 +141,8 @@ def finetune(config:FinetuneConfig|None=None, # every setting; default: the demo
     c = replace(config or FinetuneConfig(), **changes)
     output, base_name = Path(c.output), resolve_model(c.model)
     base, tokenizer = load_base(c.model, four_bit=c.four_bit)
-    find_targets(base, c.targets)  # a wrong target fails now, not after the baseline evaluation
+    for name in find_targets(base, c.targets):  # a wrong target or rank fails now, not after the baseline evaluation
+        check_lora_args(c.rank, c.alpha, c.dropout, base.get_submodule(name).in_features, base.get_submodule(name).out_features)
     train_ds, eval_ds = split_data(c)
     rows = lambda ds: tokenize_dataset(ds, tokenizer, c.template, c.max_length).to_list()
     train_rows, eval_rows, eval_conv = rows(train_ds), rows(eval_ds), eval_ds["messages"]
