@@ -184,7 +184,8 @@ def summary(metrics:dict, output:str|Path) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/12_finetune.ipynb #f76d1b76
-def build_demo_adapter(out:str|Path=DEMO_ADAPTER) -> dict:
+def build_demo_adapter(out:str|Path, # a new or replaced folder; the shipped one is `DEMO_ADAPTER`
+                      ) -> dict:
     "Run the default fine-tune and keep its adapter, metrics and loss plot in `out` (base recorded as `tiny`), all or nothing."
     work = Path(tempfile.mkdtemp())
     try:

@@ -100,11 +100,10 @@ def write_jsonl(rows:list[dict], path:str|Path) -> Path:
     "Write `rows` as JSON Lines (UTF-8), atomically."
     return atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
 
-def write_demo_task(n_train:int=2000, n_eval:int=200, seed:int=1,
-                    folder:str|Path|None=None, # default: the package's data folder, where `demo_path` looks
-                   ) -> Path:
+def write_demo_task(folder:str|Path, # a new or replaced folder; the shipped one is `demo_path().parent`
+                    n_train:int=2000, n_eval:int=200, seed:int=1) -> Path:
     "Generate the demo task and write its train and eval files into `folder`, all or nothing."
-    folder = Path(folder or demo_path().parent)
+    folder = Path(folder)
     with atomic_folder(folder) as tmp:
         for split, rows in zip(("train", "eval"), demo_task(n_train, n_eval, seed)): write_jsonl(rows, tmp / demo_path(split).name)
     return folder
@@ -154,7 +153,7 @@ def base_path() -> Path:
     return asset_path("tiny_base")
 
 # %% ../nbs/09_tiny_base.ipynb #ec98eec2
-def build_tiny_base(out:str|Path|None=None, # default: the package's `base_path()`
+def build_tiny_base(out:str|Path, # a new or replaced folder; the shipped one is `base_path()`
                     n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
     "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, all or nothing."
     lines = corpus(n_documents, seed)
@@ -162,7 +161,7 @@ def build_tiny_base(out:str|Path|None=None, # default: the package's `base_path(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_base_config(len(tokenizer)))
     pretrain(model, tokenizer, lines, steps=steps, seed=seed)
-    out = Path(out or base_path())
+    out = Path(out)
     with atomic_folder(out) as tmp: model.eval().save_pretrained(tmp); tokenizer.save_pretrained(tmp)
     return out
 
