@@ -31,7 +31,7 @@ def pick(small, # value used under `nbdev-test`
     "`small` under test, `full` otherwise: one call per size that decides how long a lesson cell runs."
     return small if in_test() else full
 
-# %% ../nbs/00_core.ipynb #2c2b6572
+# %% ../nbs/00_core.ipynb #14534c8a
 def gpu_available(needs:str="this cell", # what is skipped without a GPU, for the message
                  ) -> bool:
     "True when PyTorch sees a CUDA GPU; otherwise print one line saying what is skipped, and return False."

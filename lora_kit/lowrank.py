@@ -59,8 +59,10 @@ def lora_scale(alpha:float, r:int, use_rslora:bool=False) -> float:
 
 # %% ../nbs/01_lowrank.ipynb #b23dba45
 def fit_lowrank_target(r:int, use_rslora:bool, target:torch.Tensor, x:torch.Tensor,
-                       steps:int=200, lr:float=1e-3, alpha:float=16.0) -> list[float]:
-    "Train `scale·B@A` (LoRA init) to match `x @ target.T` with Adam; returns the loss per step."
+                       steps:int=200, lr:float=1e-3, alpha:float=16.0,
+                       return_update:bool=False, # also return the learned update `scale·B@A`
+                      ) -> list[float] | tuple[list[float], torch.Tensor]:
+    "Train `scale·B@A` (LoRA init) to match `x @ target.T` with Adam; returns the loss per step (and the update)."
     torch.manual_seed(1)
     A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(r, target.shape[1]), a=math.sqrt(5)))
     B = nn.Parameter(torch.zeros(target.shape[0], r))
@@ -69,4 +71,4 @@ def fit_lowrank_target(r:int, use_rslora:bool, target:torch.Tensor, x:torch.Tens
         loss = (x @ (scale * B @ A).T - y).square().mean()
         opt.zero_grad(); loss.backward(); opt.step()
         losses.append(loss.item())
-    return losses
+    return (losses, (scale * B @ A).detach()) if return_update else losses

@@ -1,4 +1,4 @@
-"""A 3-million-parameter `LlamaForCausalLM` with its own BPE tokenizer, pretrained on CPU on generated English and
+"""A 3.2-million-parameter `LlamaForCausalLM` with its own BPE tokenizer, pretrained on CPU on generated English and
 Indonesian sentences, and a translation task it cannot do until LoRA teaches it.
 
 Docs: https://lora-kit.github.io/lora_kit/tiny_base.html.md"""

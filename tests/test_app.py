@@ -1,5 +1,5 @@
 "The Streamlit app: AppTest drives the page headlessly; a real Chromium loads it from `lora-kit app`."
-import json, os, shutil, socket, subprocess, sys, time, urllib.request
+import json, os, shutil, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import pytest
@@ -8,7 +8,7 @@ pytest.importorskip("streamlit", reason="the app needs the app extra: pip instal
 from streamlit.testing.v1 import AppTest
 
 import lora_kit.app as app
-from lora_kit.finetune import DEMO_ADAPTER
+from lora_kit.finetune import DEMO_ADAPTER, load_adapted
 
 
 def test_the_app_loads_the_dashboard_data_not_the_widgets():
@@ -50,6 +50,36 @@ def test_generate_shows_base_and_adapter_outputs(page):
     assert adapter == right["expected"] and base != adapter
 
 
+PROMPT = app.prompt_text("Translate to Indonesian:\n\nmy old teacher reads the new book.")
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return load_adapted(DEMO_ADAPTER)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_speeds_are_timed_on_the_same_tokens_after_a_warm_up(demo_model, merged):
+    "The base replies '.' (one token): timed on its reply alone, with one-off costs, it looked 5x slower than the adapter."
+    model, tokenizer = demo_model
+    out = app.compare(model, tokenizer, PROMPT, max_new_tokens=32, merged=merged)
+    assert out["base"] and out["adapter"] and out["base"] != out["adapter"]
+    assert out["base_timed_tokens"] == out["adapter_timed_tokens"] == 32  # speeds themselves: a benchmark, not a test
+    assert out["base_s_per_token"] > 0 and out["adapter_s_per_token"] > 0
+
+
+def test_an_empty_reply_gets_no_speed_figure(demo_model, monkeypatch):
+    model, tokenizer = demo_model
+    real = app.generate
+    def base_says_nothing(model, *args, **kwargs):  # inside `lora_disabled` the adapters are switched off
+        adapters_on = next(iter(app.adapter_layers(model).values())).enabled
+        return real(model, *args, **kwargs) if adapters_on else [""]
+    monkeypatch.setattr(app, "generate", base_says_nothing)
+    out = app.compare(model, tokenizer, PROMPT, max_new_tokens=8)
+    assert out["base"] == "" and out["base_s_per_token"] is None and out["adapter_s_per_token"] > 0
+    assert app.speed_caption(out["base_s_per_token"], out["base_timed_tokens"]) == "no speed figure: empty reply"
+
+
 def test_bad_adapter_path_shows_an_error_and_keeps_running(page, tmp_path):
     at = page(str(tmp_path / "no-adapter-here"))
     assert not at.exception
@@ -77,7 +107,8 @@ def test_real_browser_sees_title_and_two_outputs(tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", "app", "--port", str(port)],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
         while True:
@@ -99,5 +130,5 @@ def test_real_browser_sees_title_and_two_outputs(tmp_path):
             assert tab.get_by_text("Base + adapter").count() == 1 and outputs.count() >= 2
             tab.screenshot(path=os.environ.get("LORA_KIT_APP_SCREENSHOT", str(tmp_path / "app.png")), full_page=True)
             browser.close()
-    finally:
-        server.terminate(); server.wait(timeout=30)
+    finally:  # the command runs streamlit as a child: stop both, or the server outlives the test
+        os.killpg(server.pid, signal.SIGTERM); server.wait(timeout=30)
