@@ -4,8 +4,10 @@ PYTHON ?= python3
 # (Colab's, a GPU box's) is kept. Override e.g. TORCH="torch --index-url <a CPU wheel index>".
 TORCH ?= torch==2.13.0
 STAMP := .installed
+# sdist and wheel for `make test`'s package checks (build/ is ignored by git)
+DIST := build/test-dist
 
-.PHONY: install demo test bench sync
+.PHONY: install demo test bench sync outputs
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -22,9 +24,17 @@ test: install
 	$(PYTHON) tools/check_sync.py
 	OMP_NUM_THREADS=1 nbdev-test  # two notebooks at once, one thread each: no oversubscription on 2 cores
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest
+	rm -rf $(DIST) && $(PYTHON) -m build --outdir $(DIST) .  # the sdist, then the wheel built from it
+	$(PYTHON) -m twine check --strict $(DIST)/*
+	$(PYTHON) tools/run_lessons.py --wheel $(DIST)/lora_kit-*.whl  # each lesson alone, from the installed wheel
 
 bench: install
 	lora-kit bench
+
+# Run the lessons in place at learner sizes and store their outputs in the notebooks (GitHub and Colab show them).
+# One lesson: make outputs NB=nbs/05_widgets.ipynb
+outputs: install
+	$(PYTHON) tools/run_lessons.py --save $(NB)
 
 sync:
 	nbdev-export && nbdev-clean && $(PYTHON) tools/readme.py
