@@ -3,6 +3,7 @@ import json, math, os, subprocess, sys
 from pathlib import Path
 
 import pytest, torch
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_kit.tiny import base_path
@@ -52,6 +53,21 @@ def test_tokenizer_has_llama_special_tokens():
     assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<unk>", "<s>", "</s>", "<pad>")
     text = "guru tua itu akan membeli mobil merah saya di pasar besok."
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_tokenizer_files_need_nothing_newer_than_the_floors():
+    "The floor run (tools/check_floors.py) loads them with the oldest transformers admitted; here, what that needs."
+    config = json.loads((base_path() / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4 knows no TokenizersBackend
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]  # else transformers 4 adds token_type_ids
+    assert config["chat_template"] == (base_path() / "chat_template.jinja").read_text()  # older releases read only this
+    merges = json.loads((base_path() / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+    assert all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges)  # "a b": tokenizers < 0.20 reads no pairs
+    tok, raw = AutoTokenizer.from_pretrained(base_path()), Tokenizer.from_file(str(base_path() / "tokenizer.json"))
+    for r in rows("eval")[:50]:  # the ids are the tokenizers library's own: the config changes none
+        text = f"<s>[INST] {r['instruction']}\n\n{r['input']} [/INST] {r['output']} </s>"
+        assert tok(text, add_special_tokens=False)["input_ids"] == raw.encode(text, add_special_tokens=False).ids
+    assert set(tok(["a cat", "the big dog"], padding=True)) == {"input_ids", "attention_mask"}
 
 
 def test_eval_split_is_disjoint_from_train_and_has_no_duplicates():
