@@ -8,7 +8,8 @@ Docs: https://lora-kit.github.io/lora_kit/tiny_base.html.md"""
 # %% auto #0
 __all__ = ['PRONOUNS', 'NOUNS', 'ADJECTIVES', 'DETERMINERS', 'VERBS', 'PLACES', 'TIMES', 'TENSE_MARKERS', 'INSTRUCTION',
            'noun_phrase', 'sentence_pair', 'document', 'corpus', 'demo_task', 'write_jsonl', 'write_demo_task',
-           'train_tokenizer', 'tiny_base_config', 'pretrain', 'base_path', 'build_tiny_base', 'generate', 'exact_match']
+           'train_tokenizer', 'tiny_base_config', 'pretrain', 'base_path', 'portable_tokenizer_files',
+           'build_tiny_base', 'generate', 'exact_match']
 
 # %% ../nbs/09_tiny_base.ipynb #66fda2ba
 import json, math, random, time
@@ -153,6 +154,18 @@ def base_path() -> Path:
     return asset_path("tiny_base")
 
 # %% ../nbs/09_tiny_base.ipynb #ec98eec2
+def portable_tokenizer_files(folder:str|Path) -> Path:
+    "Rewrite a saved tokenizer so transformers 4 and 5 load it alike: a class both know, LLaMA's model inputs, the chat template inside tokenizer_config.json, merges as 'a b' strings."
+    folder = Path(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"])
+    if (folder / "chat_template.jinja").exists(): config["chat_template"] = (folder / "chat_template.jinja").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False) + "\n")
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+    return folder
+
 def build_tiny_base(out:str|Path, # a new or replaced folder; the shipped one is `base_path()`
                     n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
     "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, all or nothing."
@@ -162,7 +175,8 @@ def build_tiny_base(out:str|Path, # a new or replaced folder; the shipped one is
     model = LlamaForCausalLM(tiny_base_config(len(tokenizer)))
     pretrain(model, tokenizer, lines, steps=steps, seed=seed)
     out = Path(out)
-    with atomic_folder(out) as tmp: model.eval().save_pretrained(tmp); tokenizer.save_pretrained(tmp)
+    with atomic_folder(out) as tmp:
+        model.eval().save_pretrained(tmp); tokenizer.save_pretrained(tmp); portable_tokenizer_files(tmp)
     return out
 
 # %% ../nbs/09_tiny_base.ipynb #78a9b1b3
