@@ -68,13 +68,13 @@ def _replace(model:nn.Module, name:str, new:nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 # %% ../nbs/03_inject.ipynb #181399a7
-def _add_adapters(model:nn.Module, config:dict, layer_cls=None) -> nn.Module:
-    "Wrap the modules `config['target_modules']` selects in adapter layers built from the peft `config`."
+def _add_adapters(model:nn.Module, config:dict, layer_cls=None, **options) -> nn.Module:
+    "Wrap the modules `config['target_modules']` selects in adapter layers built from the peft `config` and `options`."
     if adapter_layers(model):
         raise LoraKitError("This model already has LoRA adapters: call remove_lora(model) before adding new ones.")
     target_modules, layer_cls = config["target_modules"], layer_cls or adapter_layer_for(config)
     names = find_targets(model, target_modules)
-    layers = {n: layer_cls.from_config(model.get_submodule(n), config)
+    layers = {n: layer_cls.from_config(model.get_submodule(n), config, **options)
               for n in names}  # built first, so a bad rank fails before the model is touched
     model.requires_grad_(False)
     for name, layer in layers.items(): _replace(model, name, layer)
@@ -90,10 +90,11 @@ def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
              dropout:float=0.0, # dropout on the adapters' input
              use_rslora:bool=False, # rank-stabilized scaling alpha/√r
              layer_cls=None, # the adapter layer class; default: the registered one for these settings
+             autocast_adapter_dtype:bool=True, # fp32 adapters on a bf16/fp16 base (as peft); False: the base's dtype
             ) -> nn.Module:
     "Freeze `model` and wrap each target `nn.Linear` in a trainable LoRA adapter; returns `model`."
     config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, target_modules=target_modules)
-    return _add_adapters(model, config, layer_cls)
+    return _add_adapters(model, config, layer_cls, autocast_adapter_dtype=autocast_adapter_dtype)
 
 # %% ../nbs/03_inject.ipynb #eb3b8527
 def trainable_parameters(model:nn.Module) -> str:
@@ -223,10 +224,11 @@ def load_adapter_weights(model:nn.Module, # a model that already has the adapter
 def load_adapter(model:nn.Module, # the base model the adapter was trained on (without adapters); changed in place
                  path:str|Path, # an adapter folder in peft's format (saved by lora_kit or peft)
                  layer_cls=None, # the adapter layer class; default: the registered one for the adapter's config
+                 autocast_adapter_dtype:bool=True, # fp32 adapters on a bf16/fp16 base (as peft); False: the base's dtype
                 ) -> nn.Module:
     "Add LoRA adapters to `model` as `path`'s config says and load their weights; nothing is left half-loaded."
     config, weights = read_adapter_config(path), read_adapter_weights(path)
-    _add_adapters(model, config, layer_cls)
+    _add_adapters(model, config, layer_cls, autocast_adapter_dtype=autocast_adapter_dtype)
     try: return _copy_weights(model, weights, path)
     except Exception:
         remove_lora(model, merge=False)

@@ -43,13 +43,15 @@ class LoRALinear(nn.Module):
                  alpha:float, # scale numerator: the update is multiplied by alpha/r (alpha/√r with rsLoRA)
                  dropout:float=0.0, # dropout probability on the adapter branch's input
                  use_rslora:bool=False, # rank-stabilized scaling alpha/√r
+                 autocast_adapter_dtype:bool=True, # fp32 adapters on a bf16/fp16 base (as peft); False: the base's dtype
                 ):
         super().__init__()
         check_lora_args(r, alpha, dropout, base.in_features, base.out_features)
         self.base, self.r, self.alpha, self.use_rslora = base.requires_grad_(False), r, alpha, use_rslora
         self.scale = lora_scale(alpha, r, use_rslora)
         w = base.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32  # quantized bases get fp32 adapters
+        upcast = not w.dtype.is_floating_point or (autocast_adapter_dtype and w.dtype in (torch.float16, torch.bfloat16))
+        dtype = torch.float32 if upcast else w.dtype  # quantized bases, and 16-bit ones by default, get fp32 adapters
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -70,7 +72,7 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.merged or not self.enabled: return out
         adapter_in = self.dropout(x).to(self.lora_A.weight.dtype)
-        return out + (self.scale * self.lora_B(self.lora_A(adapter_in))).to(out.dtype)
+        return (out + self.scale * self.lora_B(self.lora_A(adapter_in))).to(out.dtype)  # summed in the adapter's dtype
 
     @torch.no_grad()
     def merge(self):
@@ -97,10 +99,10 @@ class LoRALinear(nn.Module):
                     use_rslora=self.use_rslora, **self.variant)
 
     @classmethod
-    def from_config(cls, base:nn.Linear, config:dict):
-        "The layer around `base` that a peft `LoraConfig` (as a dict) describes."
+    def from_config(cls, base:nn.Linear, config:dict, **options):
+        "The layer around `base` that a peft `LoraConfig` (as a dict) describes; `options`: settings no file stores."
         return cls(base, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                   use_rslora=config.get("use_rslora", False))
+                   use_rslora=config.get("use_rslora", False), **options)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         "The adapter's own weights (not the base's), keyed as in peft's files relative to the adapted module."

@@ -49,8 +49,8 @@ class BiasedLoRA(LoRALinear):
     "A toy variant: peft's `lora_bias`, a trainable bias on B (zero at the start), scaled with the update."
     variant = {"lora_bias": True}
 
-    def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False):
-        super().__init__(base, r, alpha, dropout, use_rslora)
+    def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False, **options):
+        super().__init__(base, r, alpha, dropout, use_rslora, **options)
         self.lora_B.bias = nn.Parameter(torch.zeros(base.out_features, dtype=self.lora_B.weight.dtype))
 
 
