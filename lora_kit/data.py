@@ -8,7 +8,8 @@ Docs: https://lora-kit.github.io/lora_kit/data.html.md"""
 # %% auto #0
 __all__ = ['ROLES', 'Segments', 'ALPACA_PREAMBLE', 'TEMPLATES', 'LLAMA2_CHAT_TEMPLATE', 'DataError', 'to_messages', 'read_rows',
            'demo_path', 'load_instructions', 'llama2_chat', 'alpaca', 'plain', 'chat_template', 'get_template',
-           'prompt_and_reference', 'tokenize_messages', 'show_loss_tokens', 'pack', 'tokenize_dataset', 'collate']
+           'prompt_and_reference', 'tokenize_messages', 'show_loss_tokens', 'pack', 'tokenize_dataset', 'collate',
+           'ensure_pad_token']
 
 # %% ../nbs/08_data.ipynb #a1873a04
 import csv, json, warnings
@@ -207,13 +208,14 @@ def prompt_and_reference(messages:list[dict], tokenizer, template="llama2") -> t
     prompt = "".join(text for text, _ in takewhile(lambda seg: not seg[1], segments))
     return prompt, next(m["content"] for m in messages if m["role"] == "assistant").strip()
 
-# %% ../nbs/08_data.ipynb #b29b4c97
+# %% ../nbs/08_data.ipynb #61783363
 def tokenize_messages(messages:list[dict], tokenizer, template:str|Callable="llama2", max_length:int=512) -> dict:
     "`input_ids`, `labels` (−100 on the prompt) and whether the example was `truncated` to `max_length`."
-    ids, labels = [], []
-    for text, loss in get_template(template, tokenizer)(messages, bos=tokenizer.bos_token, eos=tokenizer.eos_token):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece; labels += piece if loss else [-100] * len(piece)
+    segments = get_template(template, tokenizer)(messages, bos=tokenizer.bos_token, eos=tokenizer.eos_token)
+    loss_at = [loss for text, loss in segments for _ in text]  # per character
+    enc = tokenizer("".join(text for text, _ in segments), add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [i if loss_at[max(start, end - 1)] else -100 for i, (start, end) in zip(ids, enc["offset_mapping"])]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
 
 # %% ../nbs/08_data.ipynb #5c50f7cd
@@ -258,3 +260,10 @@ def collate(rows:list[dict], pad_token_id:int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.tensor([pad(r["input_ids"], pad_token_id) for r in rows]),
             "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
             "labels": torch.tensor([pad(r["labels"], -100) for r in rows])}
+
+# %% ../nbs/08_data.ipynb #85feef88
+def ensure_pad_token(tokenizer):
+    "Give a tokenizer without a pad token (LLaMA-2's) `<unk>`, else end-of-sequence, as pad token; pad on the right."
+    if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

@@ -21,7 +21,7 @@ from .layers import check_lora_args
 from .inject import (ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_targets, load_adapter,
                              read_adapter_config, remove_lora, save_adapter)
 from .accounting import estimate
-from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, tokenize_dataset
+from .data import DataError, TEMPLATES, collate, demo_path, ensure_pad_token, load_instructions, tokenize_dataset
 from .tiny import base_path, exact_match
 from .train import NonFiniteLossError, TrainConfig, evaluate_loss, plot_history, train
 
@@ -51,7 +51,7 @@ def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
     "Load `(model, tokenizer)` for training or inference; a clear `ConfigError` when it cannot be loaded."
     name, remote = resolve_model(model), dict(trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **remote)
+        tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(name, **remote))
         if four_bit:
             from lora_kit.qlora import load_4bit
             return load_4bit(name, compute_dtype=dtype, **remote), tokenizer

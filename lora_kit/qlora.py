@@ -6,8 +6,8 @@ Docs: https://lora-kit.github.io/lora_kit/qlora.html.md"""
 
 # %% auto #0
 __all__ = ['require_bitsandbytes', 'nf4_levels', 'quantize_nf4', 'dequantize_nf4', 'relative_error', 'int8_roundtrip',
-           'bits_per_param', 'default_compute_dtype', 'nf4_config', 'load_4bit', 'prepare_for_kbit_training',
-           'parameter_bytes']
+           'bits_per_param', 'default_compute_dtype', 'mixed_precision', 'nf4_config', 'load_4bit',
+           'prepare_for_kbit_training', 'parameter_bytes']
 
 # %% ../nbs/11_qlora.ipynb #ecaf0c52
 import torch
@@ -64,10 +64,17 @@ def bits_per_param(packed:torch.Tensor, state, n:int) -> float:
     return 8 * sum(t.numel() * t.element_size() for t in parts) / n
 
 # %% ../nbs/11_qlora.ipynb #e20ccd12
-def default_compute_dtype() -> torch.dtype:
-    "bf16 on GPUs that have it, fp16 on older GPUs (T4), fp32 on a CPU."
-    if not torch.cuda.is_available(): return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def default_compute_dtype(capability:tuple[int, int]|None=None, # CUDA compute capability; None: this machine's GPU
+                         ) -> torch.dtype:
+    "bf16 from compute capability 8.0 (Ampere) on, fp16 below (a T4 is 7.5), fp32 on a CPU."
+    if capability is None:
+        if not torch.cuda.is_available(): return torch.float32
+        capability = torch.cuda.get_device_capability()
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+def mixed_precision(compute_dtype:torch.dtype) -> str:
+    "The training loop's `precision` (🤗 accelerate's `mixed_precision`) for a compute dtype: bf16, fp16 or no."
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "no")
 
 def nf4_config(compute_dtype:torch.dtype|None=None, double_quant:bool=True) -> BitsAndBytesConfig:
     "The QLoRA paper's `BitsAndBytesConfig`: NF4 codes, double-quantized scales, matmuls in `compute_dtype`."

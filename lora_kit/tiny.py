@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from .core import SPECIAL_TOKENS, asset_path, atomic_folder, atomic_write
-from .data import LLAMA2_CHAT_TEMPLATE, demo_path, prompt_and_reference
+from .data import LLAMA2_CHAT_TEMPLATE, demo_path, ensure_pad_token, prompt_and_reference
 
 # %% ../nbs/09_tiny_base.ipynb #2f3b297a
 PRONOUNS = {"i": "saya", "you": "kamu", "we": "kami", "they": "mereka", "he": "dia", "she": "dia"}
@@ -188,8 +188,7 @@ def generate(model, tokenizer,
              top_p:float=1.0, # nucleus sampling when sampled
             ) -> list[str]:
     "Continuations of `prompts`, stopping at end-of-sequence, special tokens removed."
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer).padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,

@@ -12,7 +12,7 @@ import ipywidgets as W
 from IPython.display import display
 from transformers import LlamaConfig
 from .core import ConfigError
-from .accounting import GPUS, LLAMA_LINEARS, METHODS, MEMORY_KINDS, DTYPE_BYTES, MODEL_PRESETS, OPTIMIZERS, dashboard_data
+from .accounting import GPUS, LLAMA_LINEARS, METHODS, MEMORY_KINDS, PRECISIONS, MODEL_PRESETS, OPTIMIZERS, dashboard_data
 
 # %% ../nbs/05_widgets.ipynb #b8d7d1bb
 def custom_config(hidden_size:int=2048, intermediate_size:int=5632, num_hidden_layers:int=22,
@@ -64,7 +64,7 @@ class Dashboard:
         self.method = W.ToggleButtons(options=METHODS, value=method, description="method")
         self.rank = W.SelectionSlider(options=RANKS, value=8, description="rank", **slider)
         self.targets = W.SelectMultiple(options=LLAMA_LINEARS, value=("q_proj", "v_proj"), rows=7, description="targets")
-        self.precision = W.Dropdown(options=list(DTYPE_BYTES), value="bf16", description="precision")
+        self.precision = W.Dropdown(options=PRECISIONS, value="bf16", description="precision")
         self.seq_len = W.SelectionSlider(options=tuple(2**i for i in range(6, 13)), value=512, description="sequence", **slider)
         self.batch_size = W.SelectionSlider(options=tuple(2**i for i in range(8)), value=1, description="batch", **slider)
         self.grad_checkpointing = W.Checkbox(value=False, description="gradient checkpointing")
