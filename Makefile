@@ -7,7 +7,7 @@ STAMP := .installed
 # sdist and wheel for `make test`'s package checks (build/ is ignored by git)
 DIST := build/test-dist
 
-.PHONY: install demo test bench sync outputs
+.PHONY: install demo test bench sync outputs gpu-check
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -30,6 +30,11 @@ test: install
 
 bench: install
 	lora-kit bench
+
+# The prepared measurement for a machine with a GPU (LLaMA-2-7B shapes, random weights, no downloads): QLoRA and LoRA,
+# lora_kit vs peft, tokens/s and peak memory against the estimate; report in gpu-check/. Without a GPU: a tiny dry run.
+gpu-check: install
+	$(PYTHON) tools/gpu_check.py --out gpu-check
 
 # Run the lessons in place at learner sizes and store their outputs in the notebooks (GitHub and Colab show them).
 # One lesson: make outputs NB=nbs/05_widgets.ipynb
