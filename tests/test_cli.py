@@ -126,3 +126,24 @@ def test_finetune_settings_are_checked_before_anything_loads(tmp_path, capsys):
     r = in_process(capsys, "finetune", "--alpha", "nan", "--output", str(tmp_path / "out"))
     assert r.returncode == 2 and "alpha=nan" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_precision_auto_is_the_default_and_follows_the_device():
+    "auto: fp32 (no autocast) on a CPU; on a GPU, what `default_compute_dtype` picks for its compute capability."
+    import torch
+    from lora_kit.cli import build_parser, finetune_config
+    from lora_kit.qlora import default_compute_dtype, mixed_precision
+    args = build_parser().parse_args(["finetune"])
+    assert args.precision == "auto"
+    expected = mixed_precision(default_compute_dtype(torch.cuda.get_device_capability())) if torch.cuda.is_available() else "no"
+    assert finetune_config(args).train.precision == expected
+    assert finetune_config(build_parser().parse_args(["finetune", "--precision", "bf16"])).train.precision == "bf16"
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), "float16"), ((7, 0), "float16"), ((8, 0), "bfloat16"),
+                                               ((8, 6), "bfloat16"), ((9, 0), "bfloat16"), ((6, 1), "float16")])
+def test_compute_dtype_goes_by_compute_capability_not_emulated_bf16(capability, dtype):
+    "A T4 (7.5) gets fp16: torch's is_bf16_supported() says yes there since 2.4 (emulation), bf16 tensor cores start at 8.0."
+    import torch
+    from lora_kit.qlora import default_compute_dtype
+    assert default_compute_dtype(capability) == getattr(torch, dtype)

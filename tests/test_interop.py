@@ -62,3 +62,30 @@ def test_remove_lora_gives_base_keys_and_adapted_logits():
     randomize_B(theirs)
     for (k, a), b in zip(plain.state_dict().items(), theirs.merge_and_unload().state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_a_16_bit_base_adapters_are_fp32_as_in_peft(dtype, tmp_path):
+    "The default keeps adapters (so their gradients and AdamW moments) in fp32; peft does the same; logits agree."
+    ours = add_lora(tiny_llama().to(dtype), "all-linear", r=4, alpha=8)
+    randomize_B(ours)
+    assert {p.dtype for n, p in ours.named_parameters() if p.requires_grad} == {torch.float32}
+    save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path)
+    assert {p.dtype for n, p in theirs.named_parameters() if "lora_" in n} == {torch.float32}
+    assert torch.equal(logits(ours), logits(theirs))
+    kept = add_lora(tiny_llama().to(dtype), "all-linear", r=4, alpha=8, autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in kept.named_parameters() if p.requires_grad} == {dtype}
+    assert {p.dtype for p in load_adapter(tiny_llama().to(dtype), tmp_path, autocast_adapter_dtype=False).parameters()} == {dtype}
+
+
+def test_fp32_adapters_train_under_bf16_autocast():
+    "The GPU recipe (16-bit base, fp32 adapters, autocast) on the CPU: fp32 gradients, a finite loss, B moves."
+    model = add_lora(tiny_llama().to(torch.bfloat16), ["q_proj", "v_proj"], r=4, alpha=8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16): loss = model(**IDS, labels=IDS["input_ids"]).loss
+    loss.backward(); opt.step()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and {g.dtype for g in grads} == {torch.float32}
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
