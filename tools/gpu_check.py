@@ -69,13 +69,13 @@ def peft_model(folder: Path, four_bit: bool, dtype):
 
 
 def measure(make, folder: Path, four_bit: bool, dtype, ids: torch.Tensor, steps: int) -> dict:
-    "Tokens per second over `steps` training steps (after 2 warm-up steps) and the peak tensor memory."
+    "Tokens per second over `steps` training steps (after 3 warm-up steps) and the peak tensor memory."
     from lora_kit.bench import Trainee, peak_step_bytes
     model, loss_fn = make(folder, four_bit, dtype)
     trainee = Trainee(model, loss_fn, ids)
     autocast = torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with autocast:
-        for _ in range(2): trainee.step()
+        for _ in range(3): trainee.step()
         peak = peak_step_bytes(trainee)
         if ids.device.type == "cuda": torch.cuda.synchronize()
         start = time.perf_counter()
@@ -100,7 +100,9 @@ def run_cuda_lessons() -> dict:
 
 def markdown(report: dict) -> str:
     "The report as a Markdown table, for BENCHMARKS.md."
-    lines = [f"Device: {report['device']} ({'dry run at tiny shapes' if report['dry_run'] else 'LLaMA-2-7B shapes, random weights'}); "
+    kind = ("dry run at tiny shapes: these numbers test the script, they are not a benchmark" if report["dry_run"]
+            else "LLaMA-2-7B shapes, random weights")
+    lines = [f"Device: {report['device']} ({kind}); "
              f"all-linear r={RANK}, {report['batch_size']} × {report['seq_len']} tokens, {report['steps']} timed steps; "
              f"command: `{report['command']}`", "",
              "| setup | implementation | tokens/s | s/step | peak GiB (max_memory_allocated) | estimate GiB | peak / estimate |",
