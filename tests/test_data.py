@@ -146,3 +146,25 @@ def test_collate_pads_with_pad_and_ignore_index():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_masking_with_a_llama2_style_sentencepiece_tokenizer():
+    "Template + masking give the ids of the whole text, and exactly the reply carries loss (no extra '▁' at the seam)."
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from lora_kit.data import demo_path, load_instructions, llama2_chat, tokenize_messages
+    rows = load_instructions(demo_path("train"))
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))  # normalized as LLaMA-2's: a '▁' prepended, spaces as '▁'
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    spm.train_from_iterator([m["content"] for msgs in rows["messages"][:300] for m in msgs] + ["[INST] [/INST] <<SYS>>"],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    system = [{"role": "system", "content": "Answer in Indonesian."}]
+    for messages in [*rows["messages"][:30], system + rows["messages"][0]]:
+        example = tokenize_messages(messages, tok)
+        text = "".join(t for t, _ in llama2_chat(messages))
+        assert example["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+        reply = [i for i, l in zip(example["input_ids"], example["labels"]) if l != -100]
+        assert tok.convert_ids_to_tokens(reply)[-1] == "</s>" and not tok.convert_ids_to_tokens(reply)[0] == "▁"
+        assert tok.decode(reply) == messages[-1]["content"].strip() + " </s>"
