@@ -15,9 +15,8 @@ import os, shutil, tempfile
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# torch, tokenizers and transformers are imported by the functions that use them: the kit's errors, paths and
+# atomic writes load in milliseconds, so `lora-kit --help` and `lora-kit estimate` never wait for torch.
 
 # %% ../nbs/00_core.ipynb #97a828f4
 def in_test() -> bool:
@@ -35,6 +34,7 @@ def pick(small, # value used under `nbdev-test`
 def gpu_available(needs:str="this cell", # what is skipped without a GPU, for the message
                  ) -> bool:
     "True when PyTorch sees a CUDA GPU; otherwise print one line saying what is skipped, and return False."
+    import torch
     if torch.cuda.is_available(): return True
     print(f"No GPU here: skipped {needs} (in Colab: Runtime > Change runtime type > T4 GPU).")
     return False
@@ -55,8 +55,10 @@ class MissingExtraError(LoraKitError, ImportError):
 # %% ../nbs/00_core.ipynb #0e05cc7d
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
+def byte_tokenizer() -> "PreTrainedTokenizerFast":
     "A byte-level tokenizer (256 byte tokens + `<unk> <s> </s> <pad>`) built offline; prepends `<s>` like LLaMA's."
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors
+    from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *alphabet])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
@@ -72,8 +74,9 @@ def tiny_llama_config(vocab_size:int=len(SPECIAL_TOKENS)+256, # the byte tokeniz
                       hidden_size:int=64, intermediate_size:int=192, num_hidden_layers:int=2,
                       num_attention_heads:int=4,
                       num_key_value_heads:int=2, # < heads gives grouped-query attention, = heads plain multi-head
-                      max_position_embeddings:int=512, **kwargs) -> LlamaConfig:
+                      max_position_embeddings:int=512, **kwargs) -> "LlamaConfig":
     "A small `LlamaConfig`; every field can be overridden (extra `kwargs` go to `LlamaConfig`)."
+    from transformers import LlamaConfig
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
@@ -81,8 +84,10 @@ def tiny_llama_config(vocab_size:int=len(SPECIAL_TOKENS)+256, # the byte tokeniz
 
 # %% ../nbs/00_core.ipynb #978dab3a
 def tiny_llama(seed:int=0, # the same seed gives the same weights
-               **config_overrides) -> LlamaForCausalLM:
+               **config_overrides) -> "LlamaForCausalLM":
     "A randomly initialised tiny `LlamaForCausalLM` in eval mode, reproducible from `seed`."
+    import torch
+    from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**config_overrides)).eval()
 
@@ -93,8 +98,9 @@ LLAMA2_SHAPES = {  # name: (hidden, intermediate, layers, heads, kv_heads), from
     "llama-2-70b": (8192, 28672, 80, 64, 8),
 }
 
-def llama2_config(name:str="llama-2-7b") -> LlamaConfig:
+def llama2_config(name:str="llama-2-7b") -> "LlamaConfig":
     "The `LlamaConfig` of a LLaMA-2 size: one of `LLAMA2_SHAPES` (vocabulary 32000, context 4096)."
+    from transformers import LlamaConfig
     if name not in LLAMA2_SHAPES:
         raise ConfigError(f"Unknown LLaMA-2 size {name!r}: use one of {', '.join(LLAMA2_SHAPES)}.")
     hidden, inter, layers, heads, kv_heads = LLAMA2_SHAPES[name]
@@ -103,18 +109,20 @@ def llama2_config(name:str="llama-2-7b") -> LlamaConfig:
                        rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 # %% ../nbs/00_core.ipynb #612d1549
-def meta_llama(config:LlamaConfig|str="llama-2-7b", # a `LlamaConfig` or a name in `LLAMA2_SHAPES`
-              ) -> LlamaForCausalLM:
+def meta_llama(config:"LlamaConfig|str"="llama-2-7b", # a `LlamaConfig` or a name in `LLAMA2_SHAPES`
+              ) -> "LlamaForCausalLM":
     "A `LlamaForCausalLM` on the meta device: real shapes, no storage."
+    import torch
+    from transformers import LlamaForCausalLM
     if isinstance(config, str): config = llama2_config(config)
     with torch.device("meta"): return LlamaForCausalLM(config)
 
 # %% ../nbs/00_core.ipynb #0a35dedd
-def _numel(p:torch.Tensor) -> int:
+def _numel(p:"torch.Tensor") -> int:
     "Weights in `p`; a bitsandbytes 4-bit parameter packs two per byte of its storage."
     return p.numel() * p.element_size() * 2 if hasattr(p, "quant_state") else p.numel()
 
-def count_params(model:torch.nn.Module, trainable_only:bool=False) -> int:
+def count_params(model:"torch.nn.Module", trainable_only:bool=False) -> int:
     "Number of parameters of `model` (only those with `requires_grad` when `trainable_only`), 4-bit ones unpacked."
     return sum(_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
