@@ -7,7 +7,8 @@ ENV = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "-m", "lora_kit.bench", *args], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "lora_kit.bench", *args], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=1200)
 
 
 def test_tiny_run_prints_tables_and_writes_json(tmp_path):

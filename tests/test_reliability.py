@@ -43,7 +43,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     while not (out / CHECKPOINTS / "step-000008").exists():
         assert proc.poll() is None and time.time() < deadline, "the worker ended before it could be killed"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait()
+    proc.send_signal(signal.SIGKILL); proc.wait(timeout=60)
     assert not (out / "rank0").exists(), "the run finished before SIGKILL: make it slower"
     for saved in checkpoints(out):  # only whole ones: what `save_checkpoint` writes, all of it
         assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt", "rng_state_0.pt"} <= {p.name for p in saved.iterdir()}

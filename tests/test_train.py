@@ -1,5 +1,5 @@
 "The training loop: its settings, its layers and optimizer groups, and two processes (torchrun, gloo on CPU) matching one."
-import json, math, os, subprocess, sys
+import json, math, os, socket, subprocess, sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -94,6 +94,13 @@ def test_bad_input_to_train_is_the_kits_error(case, message):
     with pytest.raises(LoraKitError, match=message): train(model, rows, config=config)
 
 
+def free_port() -> int:
+    "A TCP port nobody listens on now (a fixed one collides with a second test run on the same machine)."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(cmd, tmp):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -101,7 +108,7 @@ def run(cmd, tmp):
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     run([sys.executable, str(WORKER), str(tmp_path / "single"), "--grad-accum", "2"], tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(WORKER), str(tmp_path / "ddp"), "--save-every", "3"], tmp_path)
     single = json.loads((tmp_path / "single" / "rank0" / "result.json").read_text())
     ddp = [json.loads((tmp_path / "ddp" / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]
