@@ -7,27 +7,44 @@ Docs: https://lora-kit.github.io/lora_kit/accounting.html.md"""
 # %% auto #0
 __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'LINEAR_INPUT', 'QUANT_BLOCK', 'DTYPE_BYTES', 'PRECISIONS',
            'ADAPTER_BYTES', 'OPTIMIZERS', 'ADAM8_BLOCK', 'ADAM8_MIN_SIZE', 'ADAM8_CODE', 'ATTENTION', 'GPUS',
-           'GPU_RESERVE', 'MEMORY_KINDS', 'GIB', 'load_config', 'head_dim', 'block_linears', 'resolve_targets',
-           'adapter_params', 'param_counts', 'grad_flow', 'block_flops', 'train_flops', 'dequant_flops',
-           'inference_flops', 'precision_bytes', 'quantized_bytes', 'weight_bytes', 'gradient_bytes',
+           'GPU_RESERVE', 'MEMORY_KINDS', 'GIB', 'ModelShape', 'load_config', 'head_dim', 'block_linears',
+           'resolve_targets', 'adapter_params', 'param_counts', 'grad_flow', 'block_flops', 'train_flops',
+           'dequant_flops', 'inference_flops', 'precision_bytes', 'quantized_bytes', 'weight_bytes', 'gradient_bytes',
            'trainable_tensors', 'optimizer_bytes', 'block_saved_bytes', 'loss_saved_bytes', 'saved_bytes',
-           'memory_bytes', 'fits', 'estimate', 'fit_table', 'plot_memory', 'dashboard_data']
+           'memory_bytes', 'dora_extras', 'fits', 'estimate', 'fit_table', 'plot_memory', 'dashboard_data']
 
 # %% ../nbs/04_accounting.ipynb #1fd5019f
 import json, math
+from dataclasses import dataclass
 from pathlib import Path
-from transformers import LlamaConfig
-from .core import LLAMA2_SHAPES, ConfigError, asset_path, llama2_config
+from .core import LLAMA2_SHAPES, ConfigError, asset_path
 
 # %% ../nbs/04_accounting.ipynb #53e1c466
 MODEL_PRESETS = (*LLAMA2_SHAPES, "tiny")
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
-def load_config(model:str|Path|LlamaConfig, # a name in `MODEL_PRESETS`, a path to an HF config.json, or a config
-               ) -> LlamaConfig:
-    "The `LlamaConfig` of a preset or of a `config.json` file; `ConfigError` with a one-line reason if neither."
-    if isinstance(model, LlamaConfig): return model
-    if str(model) in LLAMA2_SHAPES: return llama2_config(str(model))
+@dataclass(frozen=True)
+class ModelShape:
+    "The numbers the accounting needs of a LLaMA-family model, named as in its `config.json` (and `LlamaConfig`)."
+    vocab_size:int
+    hidden_size:int
+    intermediate_size:int
+    num_hidden_layers:int
+    num_attention_heads:int
+    num_key_value_heads:int|None=None # grouped-query attention; None: one per attention head
+    tie_word_embeddings:bool=False # the output head shares the embedding's weights
+    head_dim:int|None=None # None: hidden_size // num_attention_heads
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None: object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+
+def load_config(model:"str|Path|ModelShape|LlamaConfig", # a name in `MODEL_PRESETS`, a path to an HF config.json, or a shape
+               ) -> ModelShape:
+    "The shape of a preset or of a `config.json` file (a shape or `LlamaConfig` as is); `ConfigError` with the reason if neither."
+    if not isinstance(model, (str, Path)): return model
+    if str(model) in LLAMA2_SHAPES:
+        hidden, inter, layers, heads, kv_heads = LLAMA2_SHAPES[str(model)]
+        return ModelShape(32000, hidden, inter, layers, heads, kv_heads)
     path = asset_path("tiny_base", "config.json") if str(model) == "tiny" else Path(model)
     if not path.is_file():
         raise ConfigError(f"{model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a config.json file")
@@ -38,16 +55,16 @@ def load_config(model:str|Path|LlamaConfig, # a name in `MODEL_PRESETS`, a path 
     if missing: raise ConfigError(f"{path} lacks integer field(s) {', '.join(missing)} of a LLaMA config")
     biased = [k for k in ("attention_bias", "mlp_bias") if fields.get(k)]
     if biased: raise ConfigError(f"{path} sets {', '.join(biased)}: the accounting covers LLaMA's bias-free linears only")
-    return LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
+    return ModelShape(**{k: fields[k] for k in ModelShape.__dataclass_fields__ if fields.get(k) is not None})
 
 # %% ../nbs/04_accounting.ipynb #ff241488
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-def head_dim(config:LlamaConfig) -> int:
+def head_dim(config:ModelShape) -> int:
     "Width of one attention head."
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
-def block_linears(config:LlamaConfig) -> dict:
+def block_linears(config:ModelShape) -> dict:
     "`{name: (in_features, out_features)}` of the seven linear layers of one decoder block."
     d, i, hd = config.hidden_size, config.intermediate_size, head_dim(config)
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
@@ -70,12 +87,12 @@ METHODS = ("full", "lora", "qlora")
 def _check_method(method):
     if method not in METHODS: raise ConfigError(f"method {method!r} unknown: use one of {', '.join(METHODS)}")
 
-def adapter_params(config:LlamaConfig, rank:int=8, targets=("q_proj", "v_proj")) -> int:
+def adapter_params(config:ModelShape, rank:int=8, targets=("q_proj", "v_proj")) -> int:
     "Parameters of rank-`rank` LoRA adapters on `targets` in every block."
     lin = block_linears(config)
     return config.num_hidden_layers * sum(rank * sum(lin[t]) for t in resolve_targets(targets))
 
-def param_counts(config:LlamaConfig,
+def param_counts(config:ModelShape,
                  method:str="lora", # `full` trains everything; `lora`/`qlora` only the adapters
                  rank:int=8, targets=("q_proj", "v_proj")) -> dict:
     "Total parameters (base + adapters) and trainable parameters, in closed form."
@@ -111,7 +128,7 @@ def _blocks(config, method):
     L = config.num_hidden_layers
     return [(L, True)] if method == "full" else [(1, False), (L - 1, True)]
 
-def block_flops(config:LlamaConfig, method:str, tokens:int, seq_len:int, rank:int, targets:tuple,
+def block_flops(config:ModelShape, method:str, tokens:int, seq_len:int, rank:int, targets:tuple,
                 input_grad:bool) -> tuple:
     "`(forward, backward)` FLOPs of one decoder block over `tokens` tokens in sequences of `seq_len`."
     g, lora = grad_flow(method, targets, input_grad), method != "full"
@@ -127,7 +144,7 @@ def block_flops(config:LlamaConfig, method:str, tokens:int, seq_len:int, rank:in
     bwd += a * (g["q_proj"] + g["k_proj"]) + a * (g["probs"] + g["v_proj"])
     return fwd, bwd
 
-def train_flops(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
+def train_flops(config:ModelShape, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
                 targets=("q_proj", "v_proj")) -> dict:
     "FLOPs of one training step (forward + backward), matrix products only; `dequant` (QLoRA) counted apart."
     _check_method(method)
@@ -143,7 +160,7 @@ def train_flops(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
 # %% ../nbs/04_accounting.ipynb #6ceacdb1
 QUANT_BLOCK = 64  # weights per NF4 quantization block (bitsandbytes' default)
 
-def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
+def dequant_flops(config:ModelShape, method:str, targets:tuple) -> int:
     "FLOPs spent dequantizing 4-bit weights in one QLoRA step (0 for other methods)."
     if method != "qlora": return 0
     lin, passes = block_linears(config), 0
@@ -153,7 +170,7 @@ def dequant_flops(config:LlamaConfig, method:str, targets:tuple) -> int:
     return passes + 2 * passes // QUANT_BLOCK
 
 # %% ../nbs/04_accounting.ipynb #7be6f37c
-def inference_flops(config:LlamaConfig, batch_size:int=1, seq_len:int=512, rank:int=8,
+def inference_flops(config:ModelShape, batch_size:int=1, seq_len:int=512, rank:int=8,
                     targets=("q_proj", "v_proj"), merged:bool=True) -> int:
     "Forward FLOPs over `batch_size × seq_len` tokens with the adapter merged into the weights or kept apart."
     targets, T = resolve_targets(targets), batch_size * seq_len
@@ -182,7 +199,7 @@ def quantized_bytes(n_in:int, n_out:int, quant:str="nf4", double_quant:bool=True
     if not double_quant: return (n + 1) // 2 + 4 * blocks + nf4_code
     return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4 + nf4_code
 
-def weight_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
+def weight_bytes(config:ModelShape, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
                  precision:str="bf16", quant:str="nf4", double_quant:bool=True) -> int:
     "Bytes of all weights: base in `precision` (block linears in `quant` for QLoRA) plus fp32 adapters."
     _check_method(method)
@@ -196,7 +213,7 @@ def weight_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_
     return p * (base - linear_params) + L * sum(quantized_bytes(i, o, quant, double_quant) for i, o in lin) + adapters
 
 # %% ../nbs/04_accounting.ipynb #e4dd716f
-def gradient_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
+def gradient_bytes(config:ModelShape, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
                    precision:str="bf16") -> int:
     "Bytes of the gradients: one per trainable parameter, in its dtype."
     trainable = param_counts(config, method, rank, targets)["trainable"]
@@ -206,14 +223,14 @@ def gradient_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("
 OPTIMIZERS = ("adamw", "adamw8bit")
 ADAM8_BLOCK, ADAM8_MIN_SIZE, ADAM8_CODE = 256, 4096, 256 * 4  # bitsandbytes' blockwise 8-bit state
 
-def trainable_tensors(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj")) -> list:
+def trainable_tensors(config:ModelShape, method:str="lora", rank:int=8, targets=("q_proj", "v_proj")) -> list:
     "`(numel, count)` of the trainable parameter tensors."
     L, d, V, lin = config.num_hidden_layers, config.hidden_size, config.vocab_size, block_linears(config)
     if method == "full":
         return [(V * d, 2 - config.tie_word_embeddings), (d, 2 * L + 1), *((i * o, L) for i, o in lin.values())]
     return [(rank * lin[t][k], L) for t in resolve_targets(targets) for k in (0, 1)]  # A: r×in, B: out×r
 
-def optimizer_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
+def optimizer_bytes(config:ModelShape, method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
                     optimizer:str="adamw", precision:str="bf16") -> int:
     "Bytes of AdamW's two moments: in each parameter's dtype (`adamw`), or bitsandbytes' blockwise 8-bit (`adamw8bit`)."
     if optimizer not in OPTIMIZERS: raise ConfigError(f"optimizer {optimizer!r} unknown: use one of {', '.join(OPTIMIZERS)}")
@@ -227,7 +244,7 @@ def optimizer_bytes(config:LlamaConfig, method:str="lora", rank:int=8, targets=(
 # %% ../nbs/04_accounting.ipynb #57478b4e
 ATTENTION = ("eager", "sdpa")
 
-def block_saved_bytes(config:LlamaConfig, method:str, batch_size:int, seq_len:int, rank:int, targets:tuple,
+def block_saved_bytes(config:ModelShape, method:str, batch_size:int, seq_len:int, rank:int, targets:tuple,
                       input_grad:bool, precision:str="bf16", attn:str="sdpa") -> int:
     "Bytes one decoder block keeps for the backward pass (HF LLaMA, training mode, no checkpointing)."
     g, full = grad_flow(method, targets, input_grad), method == "full"
@@ -259,12 +276,12 @@ def block_saved_bytes(config:LlamaConfig, method:str, batch_size:int, seq_len:in
     saved += T * i * a * (2 * g["gate_proj"] + g["up_proj"])   # gate (SiLU input), up; silu(gate)
     return saved + inputs(("down_proj",))
 
-def loss_saved_bytes(config:LlamaConfig, batch_size:int, seq_len:int) -> int:
+def loss_saved_bytes(config:ModelShape, batch_size:int, seq_len:int) -> int:
     "Bytes the loss keeps: fp32 log-probabilities over the vocabulary, int64 targets, the token count."
     T = batch_size * seq_len
     return T * config.vocab_size * 4 + T * 8 + 4
 
-def saved_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
+def saved_bytes(config:ModelShape, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
                 targets=("q_proj", "v_proj"), precision:str="bf16", attn:str="sdpa",
                 grad_checkpointing:bool=False) -> int:
     "Bytes autograd holds at the end of the forward pass, loss included."
@@ -281,7 +298,7 @@ def saved_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len
     return blocks + rope * (not grad_checkpointing) + embed + final_norm + loss_saved_bytes(config, batch_size, seq_len)
 
 # %% ../nbs/04_accounting.ipynb #5f79e2c7
-def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
+def memory_bytes(config:ModelShape, method:str="lora", batch_size:int=1, seq_len:int=512, rank:int=8,
                  targets=("q_proj", "v_proj"), precision:str="bf16", grad_checkpointing:bool=False,
                  attn:str="sdpa", optimizer:str="adamw", quant:str="nf4", double_quant:bool=True) -> dict:
     "Bytes of one training step by kind: weights, gradients, optimizer, activations, logits and total."
@@ -296,6 +313,20 @@ def memory_bytes(config:LlamaConfig, method:str="lora", batch_size:int=1, seq_le
                activations=saved - logits + recompute, logits=logits)
     return mem | dict(total=sum(mem.values()))
 
+# %% ../nbs/04_accounting.ipynb #bd24d5bb
+def dora_extras(config:ModelShape, rank:int=8, targets=("q_proj", "v_proj"), batch_size:int=1, seq_len:int=512,
+                grad_checkpointing:bool=False, optimizer:str="adamw") -> dict:
+    "What DoRA adds to a LoRA step: parameters, forward FLOPs, and bytes of weights, gradients, optimizer and activations."
+    lin, L, T = block_linears(config), config.num_hidden_layers, batch_size * seq_len
+    shapes = [lin[t] for t in resolve_targets(targets)]
+    params = L * sum(o for _, o in shapes)
+    adam8 = lambda n: 2 * n + 2 * 4 * math.ceil(n / ADAM8_BLOCK) if n >= ADAM8_MIN_SIZE else 8 * n  # as `optimizer_bytes`
+    per_block = sum((T + 2) * o * ADAPTER_BYTES for _, o in shapes)  # W0·x + s·BAx per token, the norm, m/norm
+    return dict(params=params, flops=L * sum(2 * rank * i * o for i, o in shapes),
+                weights=ADAPTER_BYTES * params, gradients=ADAPTER_BYTES * params,
+                optimizer=2 * ADAPTER_BYTES * params if optimizer == "adamw" else L * sum(adam8(o) for _, o in shapes),
+                activations=per_block * (1 if grad_checkpointing else L))
+
 # %% ../nbs/04_accounting.ipynb #8cd99b84
 GPUS = {"T4 16GB": 14.56, "A100 40GB": 39.39, "A100 80GB": 79.15, "H100 80GB": 79.11}  # GiB PyTorch can use (total capacity)
 GPU_RESERVE = 2**29  # CUDA context and allocator slack
@@ -304,9 +335,11 @@ def fits(total_bytes:int, gpu:str) -> bool:
     "Whether a step of `total_bytes` fits `gpu` (a name in `GPUS`) with `GPU_RESERVE` to spare."
     return total_bytes + GPU_RESERVE <= GPUS[gpu] * 2**30
 
-def estimate(model:str|Path|LlamaConfig="llama-2-7b", method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
+def estimate(model:str|Path|ModelShape="llama-2-7b", method:str="lora", rank:int=8, targets=("q_proj", "v_proj"),
              seq_len:int=512, batch_size:int=1, grad_checkpointing:bool=False, precision:str="bf16",
-             attn:str="sdpa", optimizer:str="adamw") -> dict:
+             attn:str="sdpa", optimizer:str="adamw",
+             use_dora:bool=False, # DoRA adapters (lesson 07): `dora_extras` added to LoRA's counts
+            ) -> dict:
     "Everything about one training setup: inputs, parameters, FLOPs per step, memory by kind, fitting GPUs."
     config, targets = load_config(model), resolve_targets(targets)
     if rank < 1: raise ConfigError(f"rank must be >= 1, got {rank}")
@@ -315,9 +348,16 @@ def estimate(model:str|Path|LlamaConfig="llama-2-7b", method:str="lora", rank:in
     params = param_counts(config, method, rank, targets)
     flops = train_flops(config, method, batch_size, seq_len, rank, targets)
     mem = memory_bytes(config, method, batch_size, seq_len, rank, targets, precision, grad_checkpointing, attn, optimizer)
-    return dict(model=str(model) if not isinstance(model, LlamaConfig) else "custom", method=method, rank=rank,
+    if use_dora:
+        if method != "lora": raise ConfigError(f"DoRA adapts 16/32-bit bases: use method 'lora', not {method!r}.")
+        extra = dora_extras(config, rank, targets, batch_size, seq_len, grad_checkpointing, optimizer)
+        params = dict(total=params["total"] + extra["params"], trainable=params["trainable"] + extra["params"])
+        flops = flops | dict(forward=flops["forward"] + extra["flops"], total=flops["total"] + extra["flops"])
+        mem = {k: v + extra.get(k, 0) for k, v in mem.items() if k != "total"}
+        mem["total"] = sum(mem.values())
+    return dict(model=str(model) if isinstance(model, (str, Path)) else "custom", method=method, rank=rank,
                 targets=list(targets), seq_len=seq_len, batch_size=batch_size,
-                grad_checkpointing=grad_checkpointing, precision=precision, attn=attn, optimizer=optimizer,
+                grad_checkpointing=grad_checkpointing, precision=precision, attn=attn, optimizer=optimizer, use_dora=use_dora,
                 params_total=params["total"], params_trainable=params["trainable"],
                 trainable_percent=100 * params["trainable"] / params["total"],
                 flops_per_step=flops["total"], flops_forward=flops["forward"], flops_backward=flops["backward"],
@@ -357,7 +397,7 @@ def plot_memory(rows:list[dict], # rows of `fit_table`
 # %% ../nbs/04_accounting.ipynb #6b847b06
 GIB = 2**30
 
-def dashboard_data(model:str|LlamaConfig="llama-2-7b", # a name in `MODEL_PRESETS` or a custom `LlamaConfig`
+def dashboard_data(model:str|ModelShape="llama-2-7b", # a name in `MODEL_PRESETS` or a custom `ModelShape`
                    method:str="lora", rank:int=8, targets=("q_proj", "v_proj"), precision:str="bf16",
                    seq_len:int=512, batch_size:int=1, grad_checkpointing:bool=False, optimizer:str="adamw",
                    gpu:str="T4 16GB", # the GPU to judge against, a name in `GPUS`

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lora_kit import accounting as acc
-from lora_kit.core import ConfigError, asset_path
+from lora_kit.core import ConfigError, asset_path, llama2_config
 
 ALL = list(acc.LLAMA_LINEARS)
 CONFIGS = {
@@ -25,6 +25,8 @@ CONFIGS = {
 
 
 def meta_model(config, method="full", rank=8, targets=("q_proj", "v_proj")):
+    "The reference: transformers' own model (of a `LlamaConfig`, or a LLaMA-2 size by name) on the meta device."
+    if isinstance(config, str): config = llama2_config(config)
     with torch.device("meta"): model = LlamaForCausalLM(config)
     if method == "full": return model
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
@@ -60,15 +62,15 @@ def test_params_and_train_flops_match_meta_models(name, method, rank, targets):
 @pytest.mark.parametrize("name", ["llama-2-13b", "llama-2-70b"])
 def test_llama2_flops_match_the_counter(name, method):
     config = acc.load_config(name)
-    model = meta_model(config, method, 8, ("q_proj", "v_proj"))
+    model = meta_model(name, method, 8, ("q_proj", "v_proj"))
     assert acc.param_counts(config, method)["total"] == n_params(model)
     assert acc.train_flops(config, method, 1, 512)["total"] == pytest.approx(counted_flops(model, 1, 512), rel=0.01)
 
 
 def test_llama2_7b_lora_costs_two_thirds_of_full():
     config = acc.load_config("llama-2-7b")
-    full = counted_flops(meta_model(config), 1, 512)
-    lora = counted_flops(meta_model(config, "lora"), 1, 512)
+    full = counted_flops(meta_model("llama-2-7b"), 1, 512)
+    lora = counted_flops(meta_model("llama-2-7b", "lora"), 1, 512)
     assert acc.train_flops(config, "full", 1, 512)["total"] == pytest.approx(full, rel=0.01)
     assert lora / full == pytest.approx(0.67, abs=0.01)
 
