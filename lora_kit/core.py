@@ -207,6 +207,8 @@ def output_lock(folder:str|Path, # the folder a run writes to; created if missin
                ):
     "Hold `folder` for this process while the block runs; `BusyError` at once if another run holds it."
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir(): raise ConfigError(f"{folder} is a file; give a folder to write the run to.")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     with open(path, "a+") as f:
@@ -220,7 +222,9 @@ def output_lock(folder:str|Path, # the folder a run writes to; created if missin
                             "wait for it to finish or choose another output folder.") from None
         f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
         try: yield folder
-        finally: path.unlink(missing_ok=True)  # while still locked: the next run starts from a fresh file
+        finally:
+            path.unlink(missing_ok=True)  # while still locked: the next run starts from a fresh file
+            if created and not any(folder.iterdir()): folder.rmdir()  # a run that wrote nothing leaves nothing
 
 # %% ../nbs/00_core.ipynb #efb40f06
 def asset_path(*parts:str) -> Path:

@@ -157,7 +157,7 @@ def load_checkpoint(path:Path, model, optimizer, scheduler, accelerator:Accelera
         rng = torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
         load_adapter_weights(accelerator.unwrap_model(model), path)
     except Exception as e:  # truncated, tampered (pickled code is refused by weights_only) or missing files
-        raise LoraKitError(f"Checkpoint {path} cannot be resumed from ({e}); delete it, or resume with fallback to use an earlier one.") from None
+        raise LoraKitError(f"Checkpoint {path} cannot be resumed from ({e}); delete it, or resume with fallback to use an earlier one (resume_fallback=True; lora-kit finetune --resume --resume-fallback).") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(rng["cpu"])
