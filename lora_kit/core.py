@@ -6,9 +6,9 @@ Docs: https://lora-kit.github.io/lora_kit/core.html.md"""
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'LLAMA2_SHAPES', 'WRITE_ERRNOS', 'LOCK_NAME', 'in_test', 'pick', 'gpu_available', 'LoraKitError',
-           'ConfigError', 'MissingFileError', 'MissingExtraError', 'WriteError', 'BusyError', 'byte_tokenizer',
-           'tiny_llama_config', 'tiny_llama', 'llama2_config', 'meta_llama', 'count_params', 'raise_write_error',
-           'atomic_write', 'partial_folder', 'atomic_folder', 'output_lock', 'asset_path']
+           'ConfigError', 'MissingFileError', 'MissingExtraError', 'WriteError', 'BusyError', 'number_type',
+           'byte_tokenizer', 'tiny_llama_config', 'tiny_llama', 'llama2_config', 'meta_llama', 'count_params',
+           'raise_write_error', 'atomic_write', 'partial_folder', 'atomic_folder', 'output_lock', 'asset_path']
 
 # %% ../nbs/00_core.ipynb #6a22c5a7
 import errno, fcntl, os, shutil, tempfile
@@ -57,6 +57,24 @@ class WriteError(LoraKitError, OSError):
 
 class BusyError(LoraKitError):
     "Another run holds the folder this one would write to."
+
+# %% ../nbs/00_core.ipynb #5749bbba
+def number_type(kind:type, # int or float
+                low:float|None=None, high:float|None=None, # bounds, None: unbounded
+                open_low:bool=False, open_high:bool=False, # exclude the bound itself
+               ):
+    "An argparse `type`: a finite `kind` within the bounds, else an error saying what is accepted."
+    import argparse, math
+    bounds = [f"{'>' if open_low else '>='} {low}" if low is not None else "", f"{'<' if open_high else '<='} {high}" if high is not None else ""]
+    accepted = " ".join(["an integer" if kind is int else "a number", " and ".join(b for b in bounds if b)]).strip()
+    def convert(text:str):
+        try: value = kind(text)
+        except ValueError: value = None
+        if (value is None or not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low))
+                or (high is not None and (value >= high if open_high else value > high))):
+            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}")
+        return value
+    return convert
 
 # %% ../nbs/00_core.ipynb #0e05cc7d
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
