@@ -34,6 +34,7 @@ class ModelShape:
     num_key_value_heads:int|None=None # grouped-query attention; None: one per attention head
     tie_word_embeddings:bool=False # the output head shares the embedding's weights
     head_dim:int|None=None # None: hidden_size // num_attention_heads
+    max_position_embeddings:int=4096 # the longest sequence the model reads (LLaMA-2: 4096)
 
     def __post_init__(self):
         if self.num_key_value_heads is None: object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
