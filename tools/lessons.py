@@ -14,7 +14,7 @@ INSTALL_CELL = f'''# In Colab: install lora_kit from its repository and turn on 
 import sys
 if "google.colab" in sys.modules:
     import subprocess
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "lora_kit[qlora] @ git+{REPOSITORY}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "lora_kit[qlora,export] @ git+{REPOSITORY}"], check=True)
     from google.colab import output
     output.enable_custom_widget_manager()'''
 
@@ -33,24 +33,26 @@ def install_cell_index(cells) -> int:
 
 
 def add_install_cell(path: Path) -> bool:
-    "Insert `INSTALL_CELL` under the title of the lesson at `path` if it is not there; True if the file changed."
+    "Put `INSTALL_CELL` under the title of the lesson at `path` (replacing an older version of it); True if the file changed."
     nb = json.loads(path.read_text())
     i = install_cell_index(nb["cells"])
     if i < len(nb["cells"]) and source(nb["cells"][i]) == INSTALL_CELL: return False
     lines = INSTALL_CELL.split("\n")
-    nb["cells"].insert(i, {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-                           "source": [l + "\n" for l in lines[:-1]] + [lines[-1]]})
+    cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+            "source": [l + "\n" for l in lines[:-1]] + [lines[-1]]}
+    older = i < len(nb["cells"]) and source(nb["cells"][i]).startswith(INSTALL_CELL.split("\n")[0])
+    nb["cells"][i:i + older] = [cell]
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return True
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--write", action="store_true", help="add the install cell where it is missing")
+    p.add_argument("--write", action="store_true", help="add the install cell where it is missing or older")
     args = p.parse_args(argv)
     if args.write:
         for nb in lessons():
-            if add_install_cell(nb): print(f"added the install cell to {nb.name}")
+            if add_install_cell(nb): print(f"wrote the install cell of {nb.name}")
     return 0
 
 
