@@ -59,9 +59,15 @@ def test_missing_r(adapter):
     assert_refused(adapter, ValueError, "lacks r")
 
 
-def test_unsupported_dora(adapter):
+def test_dora_config_without_its_magnitudes_is_incomplete(adapter):
+    import lora_kit.variants  # registers DoRA (a loaded lora_kit.finetune has done so too)
     edit_config(adapter, use_dora=True)
-    assert_refused(adapter, ValueError, "use_dora")
+    assert_refused(adapter, ValueError, "lora_magnitude_vector", "incomplete")
+
+
+def test_unsupported_peft_feature(adapter):
+    edit_config(adapter, layer_replication=[[0, 1], [0, 1]])
+    assert_refused(adapter, ValueError, "layer_replication")
 
 
 def test_key_the_model_lacks(adapter):

@@ -31,7 +31,8 @@ LIBRARY_TESTS = (  # everything that exercises the library; not the app, the bro
     "tests/test_interop.py", "tests/test_adapter_errors.py", "tests/test_adapter_interface.py", "tests/test_efficient.py",
     "tests/test_data.py", "tests/test_tiny.py", "tests/test_train.py", "tests/test_jobs.py", "tests/test_bad_input.py",
     "tests/test_cli.py", "tests/test_reliability.py", "tests/test_accounting.py", "tests/test_qlora.py",
-    "tests/test_bench.py",
+    "tests/test_bench.py", "tests/test_variants.py", "tests/test_export.py", "tests/test_output_folder.py",
+    "tests/test_cli_fuzz.py",
 )
 STAMP = "floors-ok.json"  # written into the environment once it is built and checked
 
