@@ -58,7 +58,7 @@ class WriteError(LoraKitError, OSError):
 class BusyError(LoraKitError):
     "Another run holds the folder this one would write to."
 
-# %% ../nbs/00_core.ipynb #5749bbba
+# %% ../nbs/00_core.ipynb #38074db0
 def number_type(kind:type, # int or float
                 low:float|None=None, high:float|None=None, # bounds, None: unbounded
                 open_low:bool=False, open_high:bool=False, # exclude the bound itself

@@ -35,7 +35,8 @@ class LoRALinear(nn.Module):
                          (kaiming)   (zeros)      alpha/r, or alpha/√r (rsLoRA)
 
     After `merge()`, W0 holds W0 + scale·B@A and forward is the plain base layer; with `enabled = False` forward
-    is the base layer too, without running the adapter."""
+    is the base layer too, without running the adapter. `init_lora_weights` takes peft's plain initialisations:
+    True (as drawn), "gaussian" (A ~ N(0, 1/r²), B = 0) or False (A and B both as `nn.Linear` draws them)."""
     variant = {}  # the peft config fields that select this class (see `adapter_layer_for`); none for plain LoRA
 
     def __init__(self, base:nn.Linear, # the layer to adapt; frozen in place
@@ -43,6 +44,7 @@ class LoRALinear(nn.Module):
                  alpha:float, # scale numerator: the update is multiplied by alpha/r (alpha/√r with rsLoRA)
                  dropout:float=0.0, # dropout probability on the adapter branch's input
                  use_rslora:bool=False, # rank-stabilized scaling alpha/√r
+                 init_lora_weights:bool|str=True, # True, "gaussian" or False (peft's names); other values: a registered variant's
                  autocast_adapter_dtype:bool=True, # fp32 adapters on a bf16/fp16 base (as peft); False: the base's dtype
                 ):
         super().__init__()
@@ -54,8 +56,13 @@ class LoRALinear(nn.Module):
         dtype = torch.float32 if upcast else w.dtype  # quantized bases, and 16-bit ones by default, get fp32 adapters
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self.init_lora_weights = init_lora_weights
+        if init_lora_weights is True: nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init_lora_weights == "gaussian": nn.init.normal_(self.lora_A.weight, std=1 / r)
+        elif init_lora_weights is not False:
+            raise ConfigError(f"init_lora_weights={init_lora_weights!r}: LoRALinear knows True, 'gaussian' and False; "
+                              "PiSSA ('pissa', 'pissa_niter_K') is registered by `import lora_kit.variants`.")
+        if init_lora_weights is not False: nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged, self.enabled = False, True
 
@@ -78,14 +85,17 @@ class LoRALinear(nn.Module):
     def merge(self):
         "Fold the update into the base weight (in place); a no-op when already merged."
         if self.merged: return
+        self._check_mergeable()
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    def _check_mergeable(self):
         if not self.enabled:
             raise LoraKitError("Cannot merge a disabled adapter (inside lora_disabled): merge after the block.")
         if not self.base.weight.dtype.is_floating_point:
             raise LoraKitError(f"Cannot merge into a quantized base weight ({type(self.base).__name__}, "
                                f"{self.base.weight.dtype}): rounding to 4/8 bits would erase most of the update. Load the "
                                "base in 16 or 32 bits, load the adapter into it (lora_kit.inject.load_adapter), then merge.")
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-        self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
@@ -93,20 +103,36 @@ class LoRALinear(nn.Module):
         if self.merged: self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
         self.merged = False
 
+    def unwrap(self, merge:bool=True) -> nn.Module:
+        "The base layer alone, as it was before the adapter, plus the update when `merge`; the adapter is spent after."
+        if merge: self.merge()
+        else: self.unmerge()
+        return self.base
+
     def peft_config(self) -> dict:
         "This layer's settings under peft's `LoraConfig` field names."
         return dict(r=self.r, lora_alpha=self.alpha, lora_dropout=getattr(self.dropout, "p", 0.0),
-                    use_rslora=self.use_rslora, **self.variant)
+                    use_rslora=self.use_rslora, init_lora_weights=self.init_lora_weights) | self.variant
 
     @classmethod
     def from_config(cls, base:nn.Linear, config:dict, **options):
         "The layer around `base` that a peft `LoraConfig` (as a dict) describes; `options`: settings no file stores."
         return cls(base, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                   use_rslora=config.get("use_rslora", False), **options)
+                   use_rslora=config.get("use_rslora", False), init_lora_weights=config.get("init_lora_weights", True),
+                   **options)
+
+    @classmethod
+    def handles(cls, config:dict) -> bool:
+        "Whether this class implements the peft `config`: every field of its `variant` has that value there."
+        return all(config.get(k) == v for k, v in cls.variant.items())
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         "The adapter's own weights (not the base's), keyed as in peft's files relative to the adapted module."
         return {name: p.detach() for name, p in self.named_parameters() if not name.startswith("base.")}
+
+    def adapter_state_from_file(self, tensors:dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        "The `adapter_state_dict` form of the tensors a saved adapter holds for this layer (for plain LoRA: the same)."
+        return tensors
 
     @torch.no_grad()
     def load_adapter_state(self, tensors:dict[str, torch.Tensor]):
@@ -129,8 +155,12 @@ def register_adapter_layer(cls:type) -> type:
     return cls
 
 def adapter_layer_for(config:dict) -> type:
-    "The registered class for a peft LoRA config: the one whose `variant` fields all match, the most specific first."
-    fits = [c for c in ADAPTER_LAYERS if all(config.get(k) == v for k, v in c.variant.items())]
-    return max(fits, key=lambda c: len(c.variant))
+    "The registered class that `handles` a peft LoRA config, the most specific first (the earliest registered of equals)."
+    fits = [c for c in ADAPTER_LAYERS if c.handles(config)]
+    best = max(fits, key=lambda c: len(c.variant))
+    if rivals := {str(c.variant) for c in fits if len(c.variant) == len(best.variant) and c.variant != best.variant}:
+        raise ConfigError(f"No registered adapter layer implements {best.variant} and {', '.join(sorted(rivals))} "
+                          "together; choose one of them.")
+    return best
 
 register_adapter_layer(LoRALinear);

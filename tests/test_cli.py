@@ -81,13 +81,14 @@ def test_bad_config_json_exits_2_with_one_line(tmp_path, capsys, content, reason
 
 
 @pytest.mark.parametrize("args, reason", [
-    (("estimate", "--rank", "0"), "rank must be >= 1"),
+    (("estimate", "--rank", "0"), "argument --rank: must be an integer >= 1, got '0'"),
     (("estimate", "--model", "llama-3"), "neither a preset"),
-    (("estimate", "--rank", "eight"), "invalid int value"),
+    (("estimate", "--rank", "eight"), "argument --rank: must be an integer >= 1, got 'eight'"),
     (("estimate", "--method", "dora"), "invalid choice"),
     (("estimate", "--targets", "q,v"), "LoRA targets q, v unknown"),
-    (("estimate", "--seq-len", "0"), "seq_len and batch_size must be >= 1"),
-    (("finetune", "--rank", "0"), "must be an integer >= 1"),
+    (("estimate", "--seq-len", "0"), "argument --seq-len: must be an integer >= 1"),
+    (("estimate", "--batch-size", "0"), "argument --batch-size: must be an integer >= 1"),
+    (("finetune", "--rank", "0"), "--rank: rank=0 must be an integer >= 1"),
     (("finetune", "--precision", "fp64"), "invalid choice"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, args, reason):
@@ -147,3 +148,27 @@ def test_compute_dtype_goes_by_compute_capability_not_emulated_bf16(capability, 
     import torch
     from lora_kit.qlora import default_compute_dtype
     assert default_compute_dtype(capability) == getattr(torch, dtype)
+
+
+LAZY_CHECK = """
+import sys
+from lora_kit.cli import main
+try: code = main(sys.argv[1:])
+except SystemExit as e: code = e.code
+print(code, sorted(m for m in ("torch", "transformers", "accelerate", "datasets", "peft") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [("--help",), ("estimate", "--model", "llama-2-70b", "--method", "qlora"),
+                                  ("estimate", "--model", "tiny", "--json"), ("estimate", "--rank", "0"), ("estimate", "--help")])
+def test_help_and_estimate_load_neither_torch_nor_transformers(args):
+    "`lora-kit --help` answers in a fraction of `import torch`'s time: only the chosen subcommand's modules load."
+    r = subprocess.run([sys.executable, "-c", LAZY_CHECK, *args], capture_output=True, text=True, timeout=120)
+    code, loaded = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert code in ("0", "2") and loaded == "[]", r.stdout + r.stderr
+
+
+def test_help_documents_the_exit_codes():
+    r = lora_kit("--help")
+    assert r.returncode == 0 and "exit codes: 0 done; 2 bad input" in " ".join(r.stdout.split())
+    assert "3 training stopped on a non-finite loss" in " ".join(lora_kit("finetune", "--help").stdout.split())
