@@ -6,10 +6,11 @@ Docs: https://lora-kit.github.io/lora_kit/app.html.md"""
 
 # %% auto #0
 __all__ = ['FORMS', 'TIMED_TOKENS', 'REPEATS', 'ENV_MODEL', 'ENV_ADAPTER', 'DEFAULT_PROMPT', 'MODEL_LOCK', 'PAGE_SCRIPT',
-           'check_adapter_folder', 'saved_shapes', 'shape_problem', 'check_base_name', 'open_pair', 'adapter_summary',
-           'headline', 'prompt_text', 'fit_prompt', 'timed_tokens', 'as_form', 'latency', 'compare', 'latency_rows',
-           'rank_choices', 'adapted_suffixes', 'efficiency', 'memory_unit', 'memory_chart', 'assumptions', 'fit_rows',
-           'markdown_table', 'show_result', 'generate_tab', 'efficiency_tab', 'adapter_tab', 'render', 'serve']
+           'check_adapter_folder', 'saved_shapes', 'shape_problem', 'check_base_name', 'open_pair', 'adapter_variant',
+           'adapter_summary', 'headline', 'prompt_text', 'fit_prompt', 'timed_tokens', 'as_form', 'latency', 'compare',
+           'latency_rows', 'rank_choices', 'adapted_suffixes', 'efficiency', 'memory_unit', 'memory_chart',
+           'assumptions', 'fit_rows', 'markdown_table', 'show_result', 'generate_tab', 'efficiency_tab', 'adapter_tab',
+           'render', 'serve']
 
 # %% ../nbs/16_app.ipynb #dd7282c3
 import importlib.util, json, os, shutil, statistics, tempfile, threading, time
@@ -102,12 +103,16 @@ def open_pair(adapter:str|Path, # adapter folder
     return load_adapted(adapter, model=name)
 
 # %% ../nbs/16_app.ipynb #5eb8d8a4
+def adapter_variant(config:dict) -> str:
+    "The LoRA variant an adapter config describes, named as in lessons 01 and 07 (a saved PiSSA adapter is a plain LoRA)."
+    return " + ".join(name for name, on in (("DoRA", config.get("use_dora")), ("rsLoRA", config.get("use_rslora"))) if on) or "LoRA"
+
 def adapter_summary(path:str|Path) -> dict:
     "Settings, size on disk and (if present) training metrics and loss plot of the adapter folder `path`."
     path, config = Path(path), check_adapter_folder(path)
     metrics = path / "metrics.json"
-    return dict(base=config.get("base_model_name_or_path"), r=config["r"], lora_alpha=config["lora_alpha"],
-                target_modules=config["target_modules"], use_rslora=config.get("use_rslora", False),
+    return dict(base=config.get("base_model_name_or_path"), variant=adapter_variant(config), r=config["r"],
+                lora_alpha=config["lora_alpha"], target_modules=config["target_modules"], use_rslora=config.get("use_rslora", False),
                 size_bytes=sum(f.stat().st_size for f in path.glob("adapter_*")),
                 metrics=json.loads(metrics.read_text()) if metrics.exists() else None,
                 loss_plot=str(path / "loss.png") if (path / "loss.png").exists() else None)
@@ -377,6 +382,7 @@ def adapter_tab(st, info:dict):
     if info["metrics"]:
         for col, (label, value) in zip(st.columns(4), headline(info["metrics"]).items()): col.metric(label, value)
     else: st.info("This folder has no metrics.json (lora-kit finetune writes one): only its settings are shown.")
+    st.caption(f"{info['variant']}, rank {info['r']}, alpha {info['lora_alpha']:g} on {', '.join(info['target_modules'])}")
     if info["loss_plot"]: st.image(info["loss_plot"], caption="Training loss")
     with st.expander("Raw settings and metrics"):
         st.json({k: v for k, v in info.items() if k not in ("metrics", "loss_plot")})

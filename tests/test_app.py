@@ -267,7 +267,7 @@ def test_the_adapter_tab_leads_with_the_headline(page):
     at = page()
     tab = at.tabs[2]
     kinds = [type(c).__name__ for c in tab.children.values()]
-    assert kinds == ["Block", "Image", "Expander"]  # metrics in columns, the loss plot, the raw settings folded
+    assert kinds == ["Block", "Caption", "Image", "Expander"]  # metrics in columns, the variant, the loss plot, the raw settings
     samples = METRICS["samples"]
     after = sum(s["generated"] == s["expected"] for s in samples) / len(samples)
     assert tab.metric[0].label == "Exact match, held-out prompts"
@@ -398,3 +398,16 @@ def test_real_browser(tmp_path):
             browser.close()
     finally:
         assert_stops_cleanly(server, port, signal.SIGINT)
+
+
+def test_the_adapter_tab_names_the_variant(tmp_path):
+    "DoRA and rsLoRA adapters are named as such (lesson 07's variants); the shipped demo adapter is plain LoRA."
+    import lora_kit.variants  # registers DoRA
+    from lora_kit.core import tiny_llama
+    from lora_kit.inject import add_lora, save_adapter
+    dora = save_adapter(add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, use_dora=True), tmp_path / "dora")
+    rs = save_adapter(add_lora(tiny_llama(), ["q_proj"], r=4, use_rslora=True), tmp_path / "rs")
+    assert [app.adapter_summary(p)["variant"] for p in (dora, rs, DEMO_ADAPTER)] == ["DoRA", "rsLoRA", "LoRA"]
+    at = AppTest.from_string(app.PAGE_SCRIPT, default_timeout=120)
+    at.run()
+    assert any(c.value.startswith("LoRA, rank 16, alpha 32 on") for c in at.caption), [c.value for c in at.caption]
