@@ -21,8 +21,7 @@ class UsageError(LoraKitError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise UsageError(f"{self.prog}: {message} (see --help)")
 
-_number = number_type
-_positive_int = _number(int, 1)
+_positive_int = number_type(int, 1)
 
 # %% ../nbs/17_cli.ipynb #38c2075a
 def estimate_args(args) -> dict:
@@ -160,8 +159,8 @@ def _generate_arguments(g):
     g.add_argument("--prompt", required=True, help="the exact text given to the model")
     g.add_argument("--model", help="base model: tiny, a folder or a Hub id (default: the adapter's base)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=48)
-    g.add_argument("--temperature", type=_number(float, 0), default=0.0, help="0: greedy")
-    g.add_argument("--top-p", type=_number(float, 0, 1, open_low=True), default=1.0, help="nucleus sampling, in (0, 1]")
+    g.add_argument("--temperature", type=number_type(float, 0), default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=number_type(float, 0, 1, open_low=True), default=1.0, help="nucleus sampling, in (0, 1]")
     g.add_argument("--4bit", dest="four_bit", action="store_true", help="load the base in 4 bits (bitsandbytes)")
     g.set_defaults(run=_generate)
 
@@ -185,7 +184,7 @@ def _app(args):
     serve(args.port, adapter=args.adapter, model=args.model)
 
 def _app_arguments(a):
-    a.add_argument("--port", type=_number(int, 1, 65535), default=8501)
+    a.add_argument("--port", type=number_type(int, 1, 65535), default=8501)
     a.add_argument("--adapter", help="adapter folder (default: the demo adapter shipped with lora_kit)")
     a.add_argument("--model", help="base model: tiny, a folder or a Hub id (default: the adapter's base)")
     a.set_defaults(run=_app)

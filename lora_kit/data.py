@@ -8,8 +8,8 @@ Docs: https://lora-kit.github.io/lora_kit/data.html.md"""
 # %% auto #0
 __all__ = ['ROLES', 'Segments', 'ALPACA_PREAMBLE', 'TEMPLATES', 'LLAMA2_CHAT_TEMPLATE', 'DataError', 'to_messages', 'read_rows',
            'demo_path', 'load_instructions', 'llama2_chat', 'alpaca', 'plain', 'chat_template', 'get_template',
-           'prompt_and_reference', 'tokenize_messages', 'show_loss_tokens', 'pack', 'tokenize_dataset', 'collate',
-           'ensure_pad_token']
+           'prompt_and_reference', 'llama2_style_tokenizer', 'tokenize_messages', 'show_loss_tokens', 'pack',
+           'tokenize_dataset', 'collate', 'ensure_pad_token']
 
 # %% ../nbs/08_data.ipynb #a1873a04
 import csv, json, warnings
@@ -207,6 +207,18 @@ def prompt_and_reference(messages:list[dict], tokenizer, template="llama2") -> t
     segments = get_template(template, tokenizer)(messages, bos=tokenizer.bos_token, eos=tokenizer.eos_token)
     prompt = "".join(text for text, _ in takewhile(lambda seg: not seg[1], segments))
     return prompt, next(m["content"] for m in messages if m["role"] == "assistant").strip()
+
+# %% ../nbs/08_data.ipynb #dc61c435
+def llama2_style_tokenizer(texts:list[str], # text to learn the vocabulary from
+                           vocab_size:int=300) -> "PreTrainedTokenizerFast":
+    "A BPE tokenizer normalized as LLaMA-2's (a `▁` prepended, spaces as `▁`), learnt offline from `texts`; no pad token."
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    spm.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 # %% ../nbs/08_data.ipynb #61783363
 def tokenize_messages(messages:list[dict], tokenizer, template:str|Callable="llama2", max_length:int=512) -> dict:

@@ -150,16 +150,9 @@ def test_collate_pads_with_pad_and_ignore_index():
 
 def test_masking_with_a_llama2_style_sentencepiece_tokenizer():
     "Template + masking give the ids of the whole text, and exactly the reply carries loss (no extra '▁' at the seam)."
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from lora_kit.data import demo_path, load_instructions, llama2_chat, tokenize_messages
+    from lora_kit.data import demo_path, llama2_chat, llama2_style_tokenizer, load_instructions, tokenize_messages
     rows = load_instructions(demo_path("train"))
-    spm = Tokenizer(models.BPE(unk_token="<unk>"))  # normalized as LLaMA-2's: a '▁' prepended, spaces as '▁'
-    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    spm.train_from_iterator([m["content"] for msgs in rows["messages"][:300] for m in msgs] + ["[INST] [/INST] <<SYS>>"],
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = llama2_style_tokenizer([m["content"] for msgs in rows["messages"][:300] for m in msgs] + ["[INST] [/INST] <<SYS>>"])
     system = [{"role": "system", "content": "Answer in Indonesian."}]
     for messages in [*rows["messages"][:30], system + rows["messages"][0]]:
         example = tokenize_messages(messages, tok)

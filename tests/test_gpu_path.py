@@ -10,25 +10,15 @@ from functools import partial
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 pytest.importorskip("bitsandbytes", reason="QLoRA needs the qlora extra: pip install 'lora_kit[qlora]'")
 from lora_kit.core import llama2_config
-from lora_kit.data import collate, demo_path, load_instructions, tokenize_dataset
+from lora_kit.data import collate, demo_path, llama2_style_tokenizer, load_instructions, tokenize_dataset
 from lora_kit.finetune import load_adapted, load_base
 from lora_kit.inject import add_lora, adapter_layers, save_adapter
 from lora_kit.qlora import prepare_for_kbit_training
 from lora_kit.train import TrainConfig, train
-
-
-def llama2_style_tokenizer(texts):
-    "A BPE tokenizer normalized as LLaMA-2's (a `▁` prepended, spaces as `▁`), without a pad token, as LLaMA-2's."
-    spm = Tokenizer(models.BPE(unk_token="<unk>"))
-    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    spm.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +31,7 @@ def base_7b_shapes(tmp_path_factory):
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     rows = load_instructions(demo_path("train"))
     texts = [m["content"] for messages in rows["messages"][:300] for m in messages] + ["[INST] [/INST]"]
-    llama2_style_tokenizer(texts).save_pretrained(folder)
+    llama2_style_tokenizer(texts, vocab_size=400).save_pretrained(folder)
     return folder
 
 
