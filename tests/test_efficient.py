@@ -222,3 +222,95 @@ def test_causal_lm_loss_of_a_peft_model():
 def test_causal_lm_loss_refuses_an_adapted_head():
     model = add_lora(tiny_llama(), ["lm_head", "q_proj"])
     with pytest.raises(ValueError, match="plain bias-free nn.Linear"): causal_lm_loss(model, IDS, IDS)
+
+
+# --- under autocast: bf16/fp16 bases with fp32 adapters, as trained on a GPU ---------------------------------------
+
+AUTOCAST_CASES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
+                  (torch.float32, torch.float16)]
+
+
+def model_in(base_dtype, layer_cls, dropout=0.0):
+    "Tiny LLaMA in `base_dtype`, fp32 adapters; plain layers draw their dropout masks as the efficient layer does."
+    torch.manual_seed(0)
+    model = add_lora(tiny_llama().to(base_dtype), "all-linear", r=8, alpha=16, dropout=dropout, layer_cls=layer_cls)
+    randomize_B(model)
+    if dropout and layer_cls is LoRALinear:
+        for m in model.modules():
+            if isinstance(m, LoRALinear): m.dropout = SameMaskDropout(dropout)
+    return model
+
+
+def scaled_grads(model, amp_dtype, loss_scale=2**12, checkpointing=False, backward_in_autocast=False):
+    "Loss and adapter gradients (fp64) with the forward under autocast; the loss scaled as a GradScaler does for fp16."
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train().zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = hf_loss(model)
+        if backward_in_autocast: (loss * loss_scale).backward()
+    if not backward_in_autocast: (loss * loss_scale).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    if amp_dtype is not None: assert {g.dtype for g in grads.values()} == {torch.float32}  # fp32 adapters, fp32 gradients
+    return loss.item(), {n: g.double() / loss_scale for n, g in grads.items()}
+
+
+def worst_error(grads, exact): return max(((grads[n] - exact[n]).norm() / exact[n].norm()).item() for n in exact)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("base_dtype,amp_dtype", AUTOCAST_CASES)
+def test_under_autocast_as_close_to_the_exact_gradients_as_the_plain_path(base_dtype, amp_dtype, dropout):
+    exact_loss, exact = scaled_grads(model_in(base_dtype, LoRALinear, dropout).double(), None)
+    plain_loss, plain = scaled_grads(model_in(base_dtype, LoRALinear, dropout), amp_dtype)
+    lean_loss, lean = scaled_grads(model_in(base_dtype, EfficientLoRALinear, dropout), amp_dtype)
+    plain_error, lean_error = worst_error(plain, exact), worst_error(lean, exact)
+    assert plain_error < 0.05, plain_error  # the reference is the same computation (same weights, same masks)
+    assert lean_error <= 1.25 * plain_error, (lean_error, plain_error)
+    assert abs(lean_loss - exact_loss) <= 1.25 * abs(plain_loss - exact_loss) + 2e-3, (lean_loss, plain_loss, exact_loss)
+
+
+def test_under_autocast_the_lean_path_runs_and_computes_in_16_bits():
+    layer = EfficientLoRALinear(nn.Linear(32, 16).to(torch.bfloat16), 4, 8, dropout=0.1).train()
+    x = torch.randn(3, 32, requires_grad=True)  # an fp32 input, as a norm layer hands it to q/k/v
+    with SavedTensorLog(layer) as log, torch.autocast("cpu", dtype=torch.bfloat16): out = layer(x)
+    assert out.dtype == torch.bfloat16
+    saved = [(r.dtype, r.shape) for r in log.records if not r.is_param]
+    assert (torch.float32, (3, 32)) in saved and (torch.bool, (3, 32)) in saved  # x itself (no copy) and the mask
+    assert (torch.bfloat16, (3, 4)) in saved and len(saved) == 3  # u, r wide; nothing full-size in 16 bits
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("base_dtype,amp_dtype", AUTOCAST_CASES[:2])
+def test_under_autocast_checkpointing_and_backward_inside_autocast_change_nothing(base_dtype, amp_dtype):
+    ref = scaled_grads(model_in(base_dtype, EfficientLoRALinear, 0.1), amp_dtype)
+    for kwargs in (dict(checkpointing=True), dict(backward_in_autocast=True)):
+        loss, grads = scaled_grads(model_in(base_dtype, EfficientLoRALinear, 0.1), amp_dtype, **kwargs)
+        assert loss == ref[0]
+        for name in grads: assert torch.allclose(grads[name], ref[1][name], rtol=1e-3, atol=1e-9), (kwargs, name)
+
+
+def test_lean_layers_under_autocast_keep_no_full_size_copy_but_x():
+    # per adapter: at most the shared input x and a 1-byte mask are full size; peft keeps a 16-bit dropped copy too
+    with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensorLog(model_in(torch.bfloat16, EfficientLoRALinear, 0.05)) as log:
+        hf_loss(log.model)
+    full = [r for r in log.unique() if ".layers." in r.module and r.module.endswith("_proj") and r.shape[-1] in (64, 176)]
+    assert {r.dtype for r in full} <= {torch.bfloat16, torch.bool}
+    # 16-bit and full size: only the inputs that no other op saves already (the norms' outputs), each once per block
+    first_saved_by = sorted(r.module.split(".", 3)[-1] for r in full if r.dtype == torch.bfloat16)
+    assert first_saved_by == ["mlp.gate_proj", "mlp.gate_proj", "self_attn.q_proj", "self_attn.q_proj"], first_saved_by
+
+
+def test_an_unregistered_base_class_falls_back_with_a_warning():
+    class OwnLinear(nn.Linear): pass
+    torch.manual_seed(0)
+    model = nn.Sequential(OwnLinear(16, 8))
+    add_lora(model, ["0"], r=2, alpha=4)
+    with pytest.warns(UserWarning, match="OwnLinear layers train on the plain path"):
+        from lora_kit.efficient import use_efficient_layers
+        use_efficient_layers(model)
+    x = torch.randn(2, 16)
+    assert type(model[0]) is EfficientLoRALinear and torch.equal(model(x), LoRALinear.forward(model[0], x))
