@@ -78,3 +78,96 @@ def test_missing_bitsandbytes_is_the_kits_error_and_says_how_to_install():
     r = subprocess.run([sys.executable, "-c", MISSING], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("True ") and "pip install 'lora_kit[qlora]'" in r.stdout, r.stdout
+
+
+# --- lesson 06's lean layer on the 4-bit base -----------------------------------------------------------------------
+
+from torch import nn
+from lora_kit.efficient import BASE_WEIGHTS, EfficientLoRALinear, SavedTensorLog, dropout_keep_mask, dropout_keep_scale
+from lora_kit.inject import adapter_layers
+from lora_kit.layers import LoRALinear
+from lora_kit.qlora import dequantized_weight, require_bitsandbytes
+
+IDS = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+class SameMaskDropout(nn.Module):
+    "Dropout drawing its mask as EfficientLoRALinear does, so the plain path sees the same masks from the same seed."
+    def __init__(self, p): super().__init__(); self.p = p
+    def forward(self, x): return x * dropout_keep_mask(x.shape, self.p, x.device) * dropout_keep_scale(self.p)
+
+
+def adapted(checkpoint, layer_cls, compute_dtype=torch.bfloat16, dropout=0.0):
+    base = load_4bit(checkpoint, compute_dtype=compute_dtype)
+    torch.manual_seed(0)
+    model = add_lora(base, "all-linear", r=8, alpha=16, dropout=dropout, layer_cls=layer_cls)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.lora_B.weight.normal_(std=0.05)
+            if dropout and layer_cls is LoRALinear: layer.dropout = SameMaskDropout(dropout)
+    return model
+
+
+def dense_fp64(model, dropout):
+    "The same model in fp64 with plain layers on the dequantized 4-bit weights (independent of the custom backward)."
+    dense = add_lora(tiny_llama(num_attention_heads=4, num_key_value_heads=2).to(model.dtype), "all-linear", r=8, alpha=16,
+                     dropout=dropout).double()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, layer in adapter_layers(model).items():
+            dense.get_submodule(name).base.weight.copy_(dequantized_weight(layer.base))
+            if dropout: dense.get_submodule(name).dropout = SameMaskDropout(dropout)
+        for name, p in dense.named_parameters():
+            if p.requires_grad: p.copy_(params[name])
+    return dense
+
+
+def grads(model, amp_dtype, loss_scale=2**12):
+    model.train().zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    (loss * loss_scale).backward()
+    return {n: p.grad.double() / loss_scale for n, p in model.named_parameters() if p.requires_grad}
+
+
+def worst_error(got, exact): return max(((got[n] - exact[n]).norm() / exact[n].norm()).item() for n in exact)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("compute_dtype,amp_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                     (torch.bfloat16, None)])
+def test_lean_layer_on_4bit_as_close_to_exact_gradients_as_the_plain_path(checkpoint, compute_dtype, amp_dtype, dropout):
+    plain = adapted(checkpoint, LoRALinear, compute_dtype, dropout)
+    exact = grads(dense_fp64(plain, dropout), None)
+    plain_error = worst_error(grads(plain, amp_dtype), exact)
+    lean_error = worst_error(grads(adapted(checkpoint, EfficientLoRALinear, compute_dtype, dropout), amp_dtype), exact)
+    assert plain_error < 0.05, plain_error
+    assert lean_error <= 1.25 * plain_error, (lean_error, plain_error)
+
+
+def test_lean_layer_on_4bit_keeps_no_dequantized_weight_and_less_than_peft(checkpoint):
+    from peft import LoraConfig, get_peft_model
+    def saved(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensorLog(model.train()) as log: model(input_ids=IDS, labels=IDS)
+        return log
+    lean = adapted(checkpoint, EfficientLoRALinear, dropout=0.05)
+    assert all(type(layer.base).__name__ == "Linear4bit" and layer._fast_path() for layer in adapter_layers(lean).values())
+    lean_log = saved(lean)
+    shapes = {(layer.out_features, layer.in_features) for layer in adapter_layers(lean).values()}
+    assert not [r for r in lean_log.unique(include_params=False) if r.shape in shapes]
+    theirs = get_peft_model(load_4bit(checkpoint, compute_dtype=torch.bfloat16),
+                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05))
+    assert lean_log.activation_bytes() < 0.8 * saved(theirs).activation_bytes()
+
+
+def test_lean_layer_on_4bit_with_checkpointing_gives_the_same_gradients(checkpoint):
+    ref = grads(adapted(checkpoint, EfficientLoRALinear, dropout=0.1), torch.bfloat16)
+    model = prepare_for_kbit_training(adapted(checkpoint, EfficientLoRALinear, dropout=0.1), gradient_checkpointing=True)
+    got = grads(model, torch.bfloat16)
+    for name in ref: assert torch.allclose(got[name], ref[name], rtol=1e-3, atol=1e-9), name
+
+
+def test_require_bitsandbytes_registers_the_4bit_layer_for_the_lean_backward():
+    bnb = require_bitsandbytes()
+    assert BASE_WEIGHTS[bnb.nn.Linear4bit] is dequantized_weight
