@@ -1,16 +1,20 @@
-"The training loop: its settings, its layers and optimizer groups, and two processes (torchrun, gloo on CPU) matching one."
-import json, math, os, socket, subprocess, sys
+"The training loop: its settings, its loss, its layers and optimizer groups, and two processes (torchrun, gloo on CPU) matching one."
+import copy, json, math, os, socket, subprocess, sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest, torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from lora_kit.core import ConfigError, LoraKitError, tiny_llama
+from lora_kit.data import collate
 from lora_kit.efficient import EfficientLoRALinear
 from lora_kit.inject import adapter_layers, adapter_state_dict, add_lora
 from lora_kit.layers import LoRALinear
-from lora_kit.train import CHECKPOINTS, TrainConfig, optimizer_groups, train
+from lora_kit.train import CHECKPOINTS, TrainConfig, loss_sum, optimizer_groups, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import examples  # noqa: E402
@@ -45,6 +49,55 @@ def test_settings_at_the_edge_of_their_range_are_accepted():
                 weight_decay=0, max_grad_norm=1e-9, precision="bf16", grad_checkpointing=True, efficient_layers=False,
                 eval_every=0, save_every=0, seed=0)
 
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    "A data-parallel group of one process (gloo, CPU), so `DistributedDataParallel` runs its real forward in this test."
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def adapted(kind):
+    "The tiny LLaMA with all-linear adapters, B random (so A gets a gradient too), as our layers or peft's."
+    torch.manual_seed(0)
+    if kind == "peft":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    else: model = add_lora(tiny_llama(), "all-linear", r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name: p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora_kit", "peft", "data parallel"])
+def test_loss_sum_and_its_gradients_equal_cross_entropy_on_the_full_logits(kind, request):
+    if kind == "data parallel": request.getfixturevalue("one_process_group")
+    batch = collate(examples()[:4], pad_token_id=0)  # rows of different lengths: right padding, prompts masked
+    labels = batch["labels"]
+    assert (batch["attention_mask"] == 0).any() and (labels[:, 1:] == -100).any() and (labels[:, 1:] != -100).any()
+    ours = adapted("peft" if kind == "peft" else "lora_kit")
+    reference = copy.deepcopy(ours)
+    total, count = loss_sum(DistributedDataParallel(ours) if kind == "data parallel" else ours, batch)
+    total.backward()
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    expected.backward()
+    assert count.item() == (labels[:, 1:] != -100).sum().item()
+    assert torch.allclose(total, expected, rtol=1e-5), (total.item(), expected.item())
+    pairs = [(n, p, q) for (n, p), (_, q) in zip(ours.named_parameters(), reference.named_parameters()) if p.requires_grad]
+    assert len(pairs) == 2 * 7 * 2  # A and B of 7 linear layers in 2 blocks
+    for name, p, q in pairs:
+        assert q.grad.abs().max() > 0, name
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), f"{name}: {(p.grad - q.grad).abs().max()}"
+
+
+
+def test_loss_sum_refuses_an_adapted_output_head_naming_the_fix():
+    model = add_lora(tiny_llama(), ["lm_head"], r=2)
+    with pytest.raises(ConfigError, match="not LoRALinear: leave lm_head out of the adapter's target_modules"):
+        loss_sum(model, collate(examples()[:2], pad_token_id=0))
 
 def trained(efficient_layers):
     torch.manual_seed(0)
@@ -106,21 +159,42 @@ def run(cmd, tmp):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    run([sys.executable, str(WORKER), str(tmp_path / "single"), "--grad-accum", "2"], tmp_path)
+VOCAB = 4096  # well above the other widths (hidden 64, MLP 192), as LLaMA-2's 32000 is; the bytes use the first 259 ids
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    "The worker's results: 1 process with 2 accumulation steps, and 2 processes under torchrun with 1, same global batch."
+    tmp = tmp_path_factory.mktemp("train")
+    vocab = ["--vocab-size", str(VOCAB)]
+    run([sys.executable, str(WORKER), str(tmp / "single"), "--grad-accum", "2", *vocab], tmp)
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(WORKER), str(tmp_path / "ddp"), "--save-every", "3"], tmp_path)
-    single = json.loads((tmp_path / "single" / "rank0" / "result.json").read_text())
-    ddp = [json.loads((tmp_path / "ddp" / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]
+         str(WORKER), str(tmp / "ddp"), "--save-every", "3", *vocab], tmp)
+    return tmp
+
+
+def test_two_processes_match_one_with_the_same_global_batch(runs):
+    single = json.loads((runs / "single" / "rank0" / "result.json").read_text())
+    ddp = [json.loads((runs / "ddp" / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]
     assert single["world_size"] == 1 and ddp[0]["world_size"] == 2
     for a, b in zip(single["losses"], ddp[0]["losses"]): assert abs(a - b) < 1e-5, (single["losses"], ddp[0]["losses"])
     assert single["losses"][-1] < single["losses"][0]
-    weights = [load_file(tmp_path / d / "adapter.safetensors") for d in ("single/rank0", "ddp/rank0", "ddp/rank1")]
+    weights = [load_file(runs / d / "adapter.safetensors") for d in ("single/rank0", "ddp/rank0", "ddp/rank1")]
     for key in weights[0]:
         assert torch.equal(weights[1][key], weights[2][key]), f"ranks disagree on {key}"
         assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5), f"1 vs 2 processes differ on {key}"
     # each checkpoint was written whole by both processes: the main one's state and each one's RNG state
-    saved = tmp_path / "ddp" / CHECKPOINTS
+    saved = runs / "ddp" / CHECKPOINTS
     assert sorted(p.name for p in saved.iterdir()) == ["step-000003", "step-000006"]
     for step in saved.iterdir():
         assert {"adapter_model.safetensors", "trainer_state.pt", "rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in step.iterdir()}
+
+
+def test_data_parallel_never_builds_the_full_logits(runs):
+    "Each micro-batch (2 rows per process in both runs) would have batch × seq × vocab fp32 logits; none are made."
+    shortest = min(len(row["input_ids"]) for row in examples())
+    logits_bytes = 2 * (shortest - 1) * VOCAB * 4  # the smallest full logits of any micro-batch, fp32
+    for name in ("single/rank0", "ddp/rank0", "ddp/rank1"):
+        result = json.loads((runs / name / "result.json").read_text())
+        assert result["largest_head_output"] * 4 < logits_bytes / 8, (name, result, logits_bytes)
+        assert 0 < result["largest_saved_bytes"] < logits_bytes / 8, (name, result, logits_bytes)
