@@ -34,8 +34,7 @@ class SavedTensor(NamedTuple):
 class SavedTensorLog:
     "Context manager recording every tensor autograd saves for backward while it is active."
     def __init__(self, model:nn.Module|None=None): # module names and parameters are looked up in `model`
-        self.model, self.records, self._stack, self._handles = model, [], [], []
-        self._params = {self._storage(t) for t in (*model.parameters(), *model.buffers())} if model is not None else set()
+        self.model, self.records, self._stack, self._handles, self._params = model, [], [], [], set()
 
     @staticmethod
     def _storage(t): return (t.device, t.untyped_storage().data_ptr())
@@ -50,7 +49,8 @@ class SavedTensorLog:
     def _pop(self): self._stack.pop()
 
     def __enter__(self):
-        if self.model is not None:
+        if self.model is not None:  # parameters looked up now: data parallel or `.to()` may have moved them since __init__
+            self._params = {self._storage(t) for t in (*self.model.parameters(), *self.model.buffers())}
             for name, m in self.model.named_modules():
                 self._handles += [m.register_forward_pre_hook(lambda m, args, name=name: self._push(name)),
                                   m.register_forward_hook(lambda m, args, out: self._pop())]
