@@ -21,5 +21,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["peak_bytes"] > 0
         assert 0.5 < row["peak_bytes"] / row["estimate_bytes"] < 2  # the closed form tracks the measured step
+    paths = {(row["path"], row["dropout"]) for row in report["paths"]}
+    assert paths == {(path, p) for path in ("fp32", "autocast bf16", "qlora bf16") for p in (0.05, 0.0)}
+    assert all(row["saved_bytes"] < 1 for row in report["paths"])  # the lean layer keeps less than peft on every path
     table = (tmp_path / "report.md").read_text()
-    assert table.count("\n| ") == 1 + 4 and "dry run" in table  # header + one row per measurement
+    assert table.count("\n| ") == 2 * 1 + 4 + 6 and "dry run" in table  # two headers, one row per measurement and path

@@ -3,7 +3,9 @@
 It builds LLaMA-2-7B from its config with random weights, saves it as a local checkpoint, and measures one training
 setup per row — NF4 QLoRA and bf16 LoRA, all linear layers at r=16, 512 tokens × batch 4 — for lora_kit and for
 peft + bitsandbytes: tokens per second over the timed steps and `torch.cuda.max_memory_allocated` against
-`lora_kit.accounting.estimate`'s total. Then it runs the lessons whose `#| cuda` cells need no download
+`lora_kit.accounting.estimate`'s total. Then issue 18's comparison: `lora_kit.bench.run_bench` on the fp32,
+autocast and qlora paths, lora_kit's lean layer + chunked loss against peft (4 blocks of LLaMA-2-7B's width, one
+interleaved run), saved-for-backward bytes, peak memory and step time as ratios. Then it runs the lessons whose `#| cuda` cells need no download
 (`nbdev-test --flags cuda`). It writes `report.json` and `report.md` (a table for BENCHMARKS.md) to `--out`.
 
 Without a GPU it runs the same code at tiny shapes on the CPU (a dry run, said so in the report) and exits 0.
@@ -89,6 +91,19 @@ def measure(make, folder: Path, four_bit: bool, dtype, ids: torch.Tensor, steps:
     return row
 
 
+PATHS_MODEL_GPU = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
+                      num_key_value_heads=32)  # LLaMA-2-7B's width, 4 blocks: the three paths side by side in one run
+
+
+def measure_paths(on_gpu: bool, device: str) -> list[dict]:
+    "efficient/peft on the fp32, autocast (bf16) and qlora (NF4, bf16) paths: `lora_kit.bench.path_summary` rows."
+    from lora_kit.bench import TINY_MODEL, path_summary, run_bench
+    result = run_bench(methods=("peft", "efficient"), paths=("fp32", "autocast", "qlora"), dropouts=(0.05, 0.0),
+                       repeats=5 if on_gpu else 1, batch_size=4 if on_gpu else 2, seq_len=512 if on_gpu else 32,
+                       device=device, model_config=PATHS_MODEL_GPU if on_gpu else TINY_MODEL, inference=False)
+    return path_summary(result)
+
+
 def run_cuda_lessons() -> dict:
     "Run the lessons whose `#| cuda` cells need no download with those cells switched on."
     results = {}
@@ -110,6 +125,10 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['setup']} | {r['implementation']} | {r['tokens_per_second']:.0f} | {r['seconds_per_step']:.3f} | "
                      f"{r['peak_bytes'] / 2**30:.2f} | {r['estimate_bytes'] / 2**30:.2f} | {r['peak_bytes'] / r['estimate_bytes']:.2f} |")
+    lines += ["", "efficient/peft per path (`lora_kit.bench.run_bench`, 4 blocks of LLaMA-2-7B's width; goal: saved <= 0.75x, "
+              "step time <= 1.0x):", "", "| path | dropout | saved for backward | peak memory | step time | goal met |", "|---|---|---:|---:|---:|---|"]
+    lines += [f"| {r['path']} | {r['dropout']} | {r['saved_bytes']:.3f} | {r['peak_bytes']:.3f} | {r['step_s']:.3f} | "
+              f"{'yes' if r['meets_goal'] else 'no'} |" for r in report.get("paths", [])]
     lines += ["", "`#| cuda` lessons: " + (", ".join(f"{k}: {v.splitlines()[0]}" for k, v in report["cuda_lessons"].items())
                                           or "not run (no GPU)")]
     return "\n".join(lines) + "\n"
@@ -145,6 +164,10 @@ def main(argv=None) -> int:
                 report["rows"].append(dict(setup=setup, implementation=name, estimate_bytes=est["memory_bytes"]["total"], **row))
                 print(f"{setup:10} {name:20} {row['tokens_per_second']:9.0f} tokens/s  peak {row['peak_bytes'] / 2**30:.2f} GiB  "
                       f"estimate {est['memory_bytes']['total'] / 2**30:.2f} GiB", flush=True)
+    report["paths"] = measure_paths(on_gpu, device)
+    for r in report["paths"]:
+        print(f"{r['path']:14} p={r['dropout']}: efficient/peft saved {r['saved_bytes']:.3f}, peak {r['peak_bytes']:.3f}, "
+              f"step {r['step_s']:.3f}", flush=True)
     report["cuda_lessons"] = run_cuda_lessons() if on_gpu else {}
     report["seconds"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(report, indent=1))
