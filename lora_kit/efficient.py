@@ -135,8 +135,10 @@ class LoRAFunction(torch.autograd.Function):
             if needs_x:
                 base_dtype = ctx.amp or g.dtype
                 grad_x = (g.to(base_dtype) @ BASE_WEIGHTS[type(ctx.base)](ctx.base).to(base_dtype)).to(x.dtype)
-                through_adapter = v @ lora_A.to(ctx.dtype)
-                grad_x = grad_x.add_(through_adapter if keep is None else through_adapter.where(keep, 0)).view(x.shape)
+                A = lora_A.to(ctx.dtype)
+                if keep is None and grad_x.dtype == ctx.dtype: grad_x.addmm_(v, A)  # in place: no N×in temporary
+                else: grad_x.add_(v @ A if keep is None else (v @ A).where(keep, 0))
+                grad_x = grad_x.view(x.shape)
         return grad_x, None, grad_A, grad_B, None, None, None
 
 # %% ../nbs/06_efficient.ipynb #9a8b6c80
