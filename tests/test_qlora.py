@@ -171,3 +171,55 @@ def test_lean_layer_on_4bit_with_checkpointing_gives_the_same_gradients(checkpoi
 def test_require_bitsandbytes_registers_the_4bit_layer_for_the_lean_backward():
     bnb = require_bitsandbytes()
     assert BASE_WEIGHTS[bnb.nn.Linear4bit] is dequantized_weight
+
+
+# --- bitsandbytes' CPU inference repacking: evaluate, then train ----------------------------------------------------
+
+def eval_pass(model):
+    with torch.no_grad(): model.eval()(input_ids=IDS[:1])
+    return model.train()
+
+
+def repacked_layers(model):
+    return [n for n, m in model.named_modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                                                            "packing_format_for_cpu", False)]
+
+
+def plainly_loaded(checkpoint):
+    from transformers import AutoModelForCausalLM
+    from lora_kit.qlora import nf4_config
+    return AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=nf4_config(torch.bfloat16),
+                                                dtype=torch.bfloat16, device_map="cpu")
+
+
+@pytest.fixture(scope="module")
+def repacks(checkpoint):
+    "Whether bitsandbytes repacks 4-bit layers in eval mode on this CPU (its AVX512-BF16 inference kernel)."
+    model = eval_pass(plainly_loaded(checkpoint))
+    if not repacked_layers(model): pytest.skip("bitsandbytes does not repack 4-bit layers on this CPU")
+    return model
+
+
+@pytest.mark.parametrize("layer_cls", [LoRALinear, EfficientLoRALinear])
+def test_an_evaluation_before_training_changes_no_gradient(checkpoint, repacks, layer_cls):
+    ref = grads(adapted(checkpoint, layer_cls, dropout=0.1), torch.bfloat16)
+    model = eval_pass(adapted(checkpoint, layer_cls, dropout=0.1))  # load_4bit keeps the standard layout
+    assert not repacked_layers(model)
+    got = grads(model, torch.bfloat16)
+    for name in ref: assert torch.equal(got[name], ref[name]), name
+
+
+def test_prepare_for_kbit_training_undoes_the_repacking_and_gradients_flow(checkpoint, repacks):
+    reference = plainly_loaded(checkpoint)
+    weights = {n: dequantized_weight(m) for n, m in reference.named_modules() if type(m).__name__ == "Linear4bit"}
+    model = eval_pass(plainly_loaded(checkpoint))
+    packed = repacked_layers(model)
+    for name in packed:  # dequantized_weight reads a repacked layer as its standard form (to bf16 rounding of scales)
+        got, want = dequantized_weight(model.get_submodule(name)).float(), weights[name].float()
+        assert (got - want).norm() / want.norm() < 1e-2, name
+    prepare_for_kbit_training(model)
+    assert packed and not repacked_layers(eval_pass(model))
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    model.model.layers[0].self_attn.q_proj(x.to(torch.bfloat16)).float().sum().backward()
+    want = torch.ones(2, 5, weights["model.layers.0.self_attn.q_proj"].shape[0]) @ weights["model.layers.0.self_attn.q_proj"].float()
+    assert x.grad is not None and (x.grad - want).norm() / want.norm() < 2e-2
