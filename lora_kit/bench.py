@@ -313,7 +313,7 @@ def format_bench(result:dict) -> str:
     for pair in dict.fromkeys(k.rsplit(" ", 1)[0] for k in r):  # in order, once each
         lines.append(f"| {pair} | {r[pair + ' step_s']:.3f} | {r[pair + ' step_cpu_s']:.3f} | {r[pair + ' peak_bytes']:.3f} | "
                      f"{r[pair + ' saved_bytes']:.3f} | {r[pair + ' flops']:.3f} |")
-    if rows := path_summary(result): lines += ["", format_paths(result)]
+    if path_summary(result): lines += ["", format_paths(result)]
     if inf := result.get("inference"):
         for clock in ("wall", "cpu"):
             lines += ["", f"Inference {clock} time (batch 1 x seq {s['seq_len']}, median of {INFERENCE_ROUNDS * s['repeats']}): base {inf[f'base_{clock}_s'] * 1e3:.1f} ms, "

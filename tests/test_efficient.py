@@ -46,9 +46,9 @@ class SameMaskDropout(nn.Module):
     def forward(self, x): return x * dropout_keep_mask(x.shape, self.p, x.device) * dropout_keep_scale(self.p)
 
 
-def peft_model_like(ours, dropout=0.0):
-    "peft's all-linear LoRA with our adapter weights (and our mask draw for dropout)."
-    theirs = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout))
+def peft_model_like(ours, dropout=0.0, base_dtype=torch.float32):
+    "peft's all-linear LoRA on the same base in `base_dtype` with our adapter weights (and our mask draw for dropout)."
+    theirs = get_peft_model(tiny_llama().to(base_dtype), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout))
     weights = dict(ours.named_parameters())
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -316,26 +316,12 @@ def test_an_unregistered_base_class_falls_back_with_a_warning():
     assert type(model[0]) is EfficientLoRALinear and torch.equal(model(x), LoRALinear.forward(model[0], x))
 
 
-def peft_in(base_dtype, ours, dropout):
-    "peft's all-linear LoRA on the same `base_dtype` base with `ours`'s adapter weights (and our mask draw)."
-    torch.manual_seed(0)
-    theirs = get_peft_model(tiny_llama().to(base_dtype),
-                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout))
-    weights = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if p.requires_grad: p.copy_(weights[name.removeprefix("base_model.model.").replace(".default", "")])
-    for m in theirs.modules():
-        if dropout and hasattr(m, "lora_dropout"): m.lora_dropout["default"] = SameMaskDropout(dropout)
-    return theirs
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("base_dtype,amp_dtype", AUTOCAST_CASES[:2])
 def test_under_autocast_as_close_to_the_exact_gradients_as_peft(base_dtype, amp_dtype, dropout):
     lean_model = model_in(base_dtype, EfficientLoRALinear, dropout)
     _, exact = scaled_grads(model_in(base_dtype, LoRALinear, dropout).double(), None)
-    _, theirs = scaled_grads(peft_in(base_dtype, lean_model, dropout), amp_dtype)
+    _, theirs = scaled_grads(peft_model_like(lean_model, dropout, base_dtype), amp_dtype)
     theirs = {n.removeprefix("base_model.model.").replace(".default", ""): g for n, g in theirs.items()}
     peft_error, lean_error = worst_error(theirs, exact), worst_error(scaled_grads(lean_model, amp_dtype)[1], exact)
     assert peft_error < 0.05, peft_error

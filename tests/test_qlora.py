@@ -82,19 +82,13 @@ def test_missing_bitsandbytes_is_the_kits_error_and_says_how_to_install():
 
 # --- lesson 06's lean layer on the 4-bit base -----------------------------------------------------------------------
 
-from torch import nn
-from lora_kit.efficient import BASE_WEIGHTS, EfficientLoRALinear, SavedTensorLog, dropout_keep_mask, dropout_keep_scale
+from lora_kit.efficient import BASE_WEIGHTS, EfficientLoRALinear, SavedTensorLog
 from lora_kit.inject import adapter_layers
 from lora_kit.layers import LoRALinear
 from lora_kit.qlora import dequantized_weight, require_bitsandbytes
+from test_efficient import SameMaskDropout, worst_error  # the same mask draw and error measure as the fp16/bf16 tests
 
 IDS = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(0))
-
-
-class SameMaskDropout(nn.Module):
-    "Dropout drawing its mask as EfficientLoRALinear does, so the plain path sees the same masks from the same seed."
-    def __init__(self, p): super().__init__(); self.p = p
-    def forward(self, x): return x * dropout_keep_mask(x.shape, self.p, x.device) * dropout_keep_scale(self.p)
 
 
 def adapted(checkpoint, layer_cls, compute_dtype=torch.bfloat16, dropout=0.0):
@@ -129,9 +123,6 @@ def grads(model, amp_dtype, loss_scale=2**12):
         loss = model(input_ids=IDS, labels=IDS).loss
     (loss * loss_scale).backward()
     return {n: p.grad.double() / loss_scale for n, p in model.named_parameters() if p.requires_grad}
-
-
-def worst_error(got, exact): return max(((got[n] - exact[n]).norm() / exact[n].norm()).item() for n in exact)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
