@@ -9,7 +9,8 @@ __all__ = ['FLAGS', 'SUBCOMMANDS', 'EXIT_CODES', 'UsageError', 'estimate_args', 
            'build_parser', 'main']
 
 # %% ../nbs/17_cli.ipynb #45f873c0
-import argparse, json, math, os, re, sys
+import argparse, json, math, os, re, sys, warnings
+from contextlib import contextmanager
 from . import accounting
 from .core import LoraKitError, number_type
 from .accounting import estimate  # also `from lora_kit.cli import estimate`, as the README shows
@@ -232,6 +233,20 @@ def _quiet_library_bars():
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is first imported
     if "datasets" in sys.modules: sys.modules["datasets"].disable_progress_bars()
 
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    "How the command prints a warning: `warning: ` and the message on one line, without the file path or source line."
+    print("warning: " + " ".join(str(message).split()), file=sys.stderr)
+
+@contextmanager
+def _one_line_warnings():
+    """Inside: each warning printed once, on one line; the libraries' deprecation notices, meant for the developers
+    of code that calls them, not printed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning): warnings.simplefilter("ignore", category)
+        warnings.showwarning = _print_warning
+        yield
+
 def _non_finite_loss(e:Exception) -> bool:
     "Whether `e` is lesson 10's `NonFiniteLossError` (the training loop's module is loaded if it raised one)."
     train = sys.modules.get("lora_kit.train")
@@ -244,7 +259,7 @@ def main(argv:list[str]|None=None) -> int:
     try:
         args = build_parser([command]).parse_args(argv)
         if args.command != "estimate": _quiet_library_bars()
-        args.run(args)
+        with _one_line_warnings(): args.run(args)
     except LoraKitError as e:  # bad input, with its fix
         print(" ".join(str(e).split()), file=sys.stderr)
         return 2

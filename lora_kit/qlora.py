@@ -10,36 +10,28 @@ __all__ = ['keep_trainable_layout', 'dequantized_weight', 'require_bitsandbytes'
            'nf4_config', 'load_4bit', 'prepare_for_kbit_training', 'parameter_bytes']
 
 # %% ../nbs/11_qlora.ipynb #ecaf0c52
-import copy
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from .core import MissingExtraError
+from .layers import frozen_base, standard_4bit_layout
 from .train import enable_gradient_checkpointing
 from .efficient import BASE_WEIGHTS
 
 # %% ../nbs/11_qlora.ipynb #2e757591
-def _standard_layout(data:torch.Tensor, quant_state) -> tuple:
-    "A 4-bit weight's `(data, quant_state)` in bitsandbytes' standard layout, undoing its CPU inference repacking."
-    if not getattr(quant_state, "packing_format_for_cpu", False): return data, quant_state
-    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse  # what bitsandbytes saves a packed layer with
-    return _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(quant_state))  # it rewrites the state it is given
-
 def keep_trainable_layout(model:nn.Module) -> nn.Module:
-    """Keep every bitsandbytes 4-bit layer of `model` in the standard layout, in place: on a CPU, bitsandbytes repacks
-    a layer for its inference kernel the first time it runs in eval mode, and a repacked layer passes no gradient."""
+    """Keep every bitsandbytes 4-bit layer of `model` in the layout that passes gradients, in place, with lesson 02's
+    `frozen_base` (which every adapter layer also applies to the base it wraps)."""
     import bitsandbytes as bnb
     for layer in model.modules():
-        if isinstance(layer, bnb.nn.Linear4bit):
-            layer.support_avx512bf16_for_cpu = False
-            layer.weight.data, layer.weight.quant_state = _standard_layout(layer.weight.data, layer.weight.quant_state)
+        if isinstance(layer, bnb.nn.Linear4bit): frozen_base(layer)
     return model
 
 # %% ../nbs/11_qlora.ipynb #2e49a21e
 def dequantized_weight(base:nn.Module) -> torch.Tensor:
     "The dense (out, in) weight a bitsandbytes 4-bit layer computes with, dequantized now: for one matmul, not to keep."
     from bitsandbytes.functional import dequantize_4bit
-    return dequantize_4bit(*_standard_layout(base.weight.data, base.weight.quant_state))
+    return dequantize_4bit(*standard_4bit_layout(base.weight.data, base.weight.quant_state))
 
 def require_bitsandbytes():
     "Import and return bitsandbytes, or raise `MissingExtraError` (an `ImportError`) saying how to install it."

@@ -110,20 +110,23 @@ def write_demo_task(folder:str|Path, # a new or replaced folder; the shipped one
     return folder
 
 # %% ../nbs/09_tiny_base.ipynb #872292c3
-def train_tokenizer(lines:list[str], vocab_size:int=1024) -> PreTrainedTokenizerFast:
-    "A byte-level BPE tokenizer trained on `lines`, with LLaMA's special tokens and the LLaMA-2 chat template."
+def train_tokenizer(lines:list[str], vocab_size:int=1024,
+                    multiple_of:int=64, # reserved tokens pad the vocabulary to a multiple of this
+                   ) -> PreTrainedTokenizerFast:
+    "A byte-level BPE tokenizer trained on `lines`, with LLaMA's special tokens, reserved tokens up to a multiple of `multiple_of`, and the LLaMA-2 chat template."
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([f"<reserved_{i}>" for i in range(-tok.get_vocab_size() % multiple_of)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", chat_template=LLAMA2_CHAT_TEMPLATE)
 
 # %% ../nbs/09_tiny_base.ipynb #d4baadd5
 def tiny_base_config(vocab_size:int) -> LlamaConfig:
-    "The tiny base's `LlamaConfig`: hidden 256, 4 layers, 4 heads sharing 2 key/value heads, context 256."
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+    "The tiny base's `LlamaConfig`: hidden 256, MLP 704, 4 layers, 4 heads sharing 2 key/value heads, context 256."
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
 
@@ -187,9 +190,12 @@ def generate(model, tokenizer,
              temperature:float=0.0, # 0: greedy; above 0: sampled
              top_p:float=1.0, # nucleus sampling when sampled
             ) -> list[str]:
-    "Continuations of `prompts`, stopping at end-of-sequence, special tokens removed."
-    ensure_pad_token(tokenizer).padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    "Continuations of `prompts`, stopping at end-of-sequence or at the model's context, special tokens removed."
+    ensure_pad_token(tokenizer).padding_side = tokenizer.truncation_side = "left"  # a prompt too long keeps its end
+    context = getattr(model.config, "max_position_embeddings", None) or 2**31
+    max_new_tokens = min(max_new_tokens, context - 1)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
+                      max_length=context - max_new_tokens).to(model.device)  # room for every new token
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **sampling)

@@ -172,3 +172,27 @@ def test_help_documents_the_exit_codes():
     r = lora_kit("--help")
     assert r.returncode == 0 and "exit codes: 0 done; 2 bad input" in " ".join(r.stdout.split())
     assert "3 training stopped on a non-finite loss" in " ".join(lora_kit("finetune", "--help").stdout.split())
+
+
+def stderr_lines(r):
+    "What the command printed on stderr, the training bar's redraws aside."
+    return [l for l in r.stderr.replace("\r", "\n").splitlines() if l.strip() and not l.startswith("training")]
+
+
+def test_warnings_print_once_each_on_one_line_without_a_path(tmp_path):
+    "The lean layer's DoRA fallback warns (lesson 06): once, as `warning: ...`, no file path, no source line."
+    r = subprocess.run([sys.executable, "-m", "lora_kit.cli", "finetune", "--dora", "--max-steps", "2", "--eval-examples", "4",
+                        "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = stderr_lines(r)
+    warned = [l for l in lines if l.startswith("warning: ")]
+    assert len(warned) == 1 and "DoRA" in warned[0], lines
+    assert lines == warned, lines  # nothing else: no `file.py:N: UserWarning`, no source line, no library notice
+
+
+def test_generation_never_runs_past_the_context(tmp_path):
+    "A prompt longer than the base's 256 positions: a reply, and no transformers 'friendly reminder' on stderr."
+    from lora_kit.finetune import DEMO_ADAPTER
+    r = lora_kit("generate", "--adapter", str(DEMO_ADAPTER), "--prompt", "the small cat eats my hot fish. " * 60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert stderr_lines(r) == [], r.stderr[-3000:]

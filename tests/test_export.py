@@ -20,7 +20,7 @@ from lora_kit.cli import main
 from lora_kit.core import ConfigError, tiny_llama
 from lora_kit.data import LLAMA2_CHAT_TEMPLATE, demo_path, load_instructions, prompt_and_reference
 from lora_kit.export import (FILE_TYPES, export_gguf, ollama_template, rope_interleave, tokenizer_metadata, write_gguf,
-                             chat_template_for)
+                             chat_template_for, tensor_type)
 from lora_kit.finetune import DEMO_ADAPTER
 from lora_kit.tiny import base_path, corpus, generate
 
@@ -123,8 +123,9 @@ def test_q8_0_tensors_decode_to_the_merged_weights(exported, reference):
     reader = gguf.GGUFReader(exported / "demo-q8_0.gguf")
     tensors = {t.name: t for t in reader.tensors}
     types = {name: t.tensor_type.name for name, t in tensors.items()}
-    assert types["blk.0.ffn_down.weight"] == "F16"  # rows of 688 weights are not whole 32-weight blocks
     assert types["blk.0.ffn_up.weight"] == types["blk.0.attn_v.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 704 weights: 22 whole 32-weight blocks
+    assert tensor_type((256, 688), "q8_0") == "F16"  # rows that are not whole blocks stay F16, as llama.cpp's converter does
     assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
     W = reference.state_dict()["model.layers.0.mlp.up_proj.weight"].numpy()
     back = q8_0_decode(np.asarray(tensors["blk.0.ffn_up.weight"].data), *W.shape)
@@ -351,7 +352,7 @@ def test_cli_dtype_choices_are_the_exporters():
 
 
 def test_tokenizer_with_a_different_size_than_the_embedding(tokenizer):
-    with pytest.raises(ConfigError, match="563 tokens"): tokenizer_metadata(tokenizer, 600)
+    with pytest.raises(ConfigError, match=f"{len(tokenizer)} tokens, the model's embedding 600 rows"): tokenizer_metadata(tokenizer, 600)
 
 
 def test_llama_cpp_generates_the_merged_models_reply(exported, reference, tokenizer, prompts):

@@ -177,17 +177,22 @@ def repacked_layers(model):
 
 
 def plainly_loaded(checkpoint):
+    "The checkpoint in 4 bits as plain transformers loads it, its layers repacking as on a CPU with AVX512-BF16."
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
     from lora_kit.qlora import nf4_config
-    return AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=nf4_config(torch.bfloat16),
-                                                dtype=torch.bfloat16, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=nf4_config(torch.bfloat16),
+                                                 dtype=torch.bfloat16, device_map="cpu")
+    for layer in model.modules():  # bitsandbytes sets it from the CPU; set here, every CPU takes the repacking path
+        if isinstance(layer, bnb.nn.Linear4bit): layer.support_avx512bf16_for_cpu = True
+    return model
 
 
 @pytest.fixture(scope="module")
 def repacks(checkpoint):
-    "Whether bitsandbytes repacks 4-bit layers in eval mode on this CPU (its AVX512-BF16 inference kernel)."
+    "bitsandbytes repacks 4-bit layers in eval mode where it may (its AVX512-BF16 inference kernel)."
     model = eval_pass(plainly_loaded(checkpoint))
-    if not repacked_layers(model): pytest.skip("bitsandbytes does not repack 4-bit layers on this CPU")
+    assert repacked_layers(model)
     return model
 
 
@@ -214,3 +219,23 @@ def test_prepare_for_kbit_training_undoes_the_repacking_and_gradients_flow(check
     model.model.layers[0].self_attn.q_proj(x.to(torch.bfloat16)).float().sum().backward()
     want = torch.ones(2, 5, weights["model.layers.0.self_attn.q_proj"].shape[0]) @ weights["model.layers.0.self_attn.q_proj"].float()
     assert x.grad is not None and (x.grad - want).norm() / want.norm() < 2e-2
+
+
+@pytest.mark.parametrize("layer_cls", [LoRALinear, EfficientLoRALinear])
+@pytest.mark.parametrize("evaluate_first", [True, False], ids=["evaluate-then-add_lora", "add_lora-then-evaluate"])
+def test_a_plainly_loaded_4bit_model_trains_after_an_evaluation(checkpoint, repacks, layer_cls, evaluate_first):
+    "peft's documented path: transformers loads the 4-bit model and the kit only adds adapters; no evaluation cuts a gradient."
+    reference = plainly_loaded(checkpoint)  # never evaluated: the standard layout
+    model = plainly_loaded(checkpoint)
+    if evaluate_first: assert repacked_layers(eval_pass(model))
+    torch.manual_seed(0)
+    add_lora(model, "all-linear", r=8, alpha=16, layer_cls=layer_cls)
+    if not evaluate_first: eval_pass(model)
+    assert not repacked_layers(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(): layer.lora_B.weight.normal_(std=0.05)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    layer.train()(x.to(torch.bfloat16)).float().sum().backward()
+    dense = dequantized_weight(reference.model.layers[0].self_attn.q_proj).double() + layer.delta_weight().double()
+    want = torch.ones(2, 5, dense.shape[0], dtype=torch.float64) @ dense  # the dense twin's input gradient
+    assert x.grad is not None and (x.grad.double() - want).norm() / want.norm() < 2e-2

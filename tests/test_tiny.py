@@ -121,3 +121,37 @@ def test_base_cannot_translate_yet(base):
         reply = tok.decode(greedy(model, ids, tok.eos_token_id)[len(ids):], skip_special_tokens=True).strip()
         hits += reply == r["output"]
     assert hits / len(evaluation) <= 0.05, hits
+
+
+def test_every_linear_of_the_base_is_whole_64_weight_blocks():
+    "bitsandbytes' NF4 blocks (64) and its CPU repacking (blocks of 32 rows) need these widths; LLaMA-2's all are."
+    model = AutoModelForCausalLM.from_pretrained(base_path())
+    widths = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(widths) == 7 * model.config.num_hidden_layers + 1  # q k v o, gate up down, and the head
+    assert {n: w for n, w in widths.items() if w[0] % 64 or w[1] % 64} == {}
+    assert len(AutoTokenizer.from_pretrained(base_path())) == model.config.vocab_size
+
+
+@pytest.mark.parametrize("repacking", [False, True], ids=["as-bitsandbytes-decides", "repacked-as-on-avx512-bf16"])
+def test_base_loads_in_4_bits_with_plain_transformers_and_runs_eval_and_generate(repacking):
+    "The standard QLoRA load, then an eval-mode forward and generate; where bitsandbytes repacks, the old base crashed."
+    pytest.importorskip("bitsandbytes", reason="4-bit needs the qlora extra")
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    tokenizer = AutoTokenizer.from_pretrained(base_path())
+    model = AutoModelForCausalLM.from_pretrained(base_path(), quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4")).eval()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 7 * model.config.num_hidden_layers
+    if repacking:
+        for layer in layers: layer.support_avx512bf16_for_cpu = True
+    ids = tokenizer(["<s>the old teacher will eat my hot rice. the old teacher"], add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad(): logits = model(**ids).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert all(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) == repacking for layer in layers)
+    if not repacking:  # the standard kernel computes what the fp32 base does, to NF4's error: the same next word
+        dense = AutoModelForCausalLM.from_pretrained(base_path()).eval()
+        with torch.no_grad(): want = dense(**ids).logits
+        assert (logits[0, -1].argmax() == want[0, -1].argmax()).item()

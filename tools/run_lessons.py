@@ -12,6 +12,7 @@ Check mode (the default; `make test` runs it):
 4. copies each numbered lesson `nbs/NN_*.ipynb` alone into an empty folder and executes it there with that
    environment's Python through execnb (the machinery of `nbdev-test`), with `IN_TEST=1` (small sizes), skipping
    only cells marked `#| slow` or `#| eval: false` (`#| cuda` cells run: on a CPU they skip themselves);
+   (`--repeat N`: N times each, every run in its own folder, so a check that passes by luck shows up);
 5. smoke-tests the installed `lora-kit` command (`estimate --json`, a 2-step `finetune`);
 6. checks that the installed package's files are byte-identical to before.
 
@@ -209,9 +210,9 @@ def package_hashes(pkg: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------- jobs
 
-def run_lesson(nb: Path, venv: Path, pkg: Path, work: Path, timeout: int) -> tuple[bool, str]:
+def run_lesson(nb: Path, venv: Path, pkg: Path, work: Path, timeout: int, run_name: str = "") -> tuple[bool, str]:
     "Copy lesson `nb` alone into an empty folder and run it there with the venv's Python; (ok, log)."
-    folder, home = work / "lessons" / nb.stem, work / "hf" / nb.stem
+    folder, home = work / "lessons" / (run_name or nb.stem), work / "hf" / (run_name or nb.stem)
     folder.mkdir(parents=True)
     shutil.copy(nb, folder / nb.name)
     env = venv_env(venv, IN_TEST="1", HF_HOME=str(home))  # a learner's fresh cache, not one another lesson filled
@@ -272,7 +273,11 @@ def check(args) -> int:
         print(f"{wheel.name} in a fresh venv ({time.perf_counter() - t0:.1f}s): import lora_kit -> {where}; "
               f"{len(before)} package files hashed", flush=True)
         jobs = {"lora-kit CLI": lambda: smoke_cli(work / "venv", work)} if not args.no_cli else {}
-        jobs |= {nb.name: (lambda nb=nb: run_lesson(nb, work / "venv", pkg, work, args.timeout)) for nb in nbs}
+        for i in range(args.repeat):  # a check that passes by luck fails in one of several runs
+            suffix = f" (run {i + 1} of {args.repeat})" if args.repeat > 1 else ""
+            jobs |= {nb.name + suffix: (lambda nb=nb, tag=suffix: run_lesson(nb, work / "venv", pkg, work, args.timeout,
+                                                                              nb.stem + tag.replace(" ", "_")))
+                     for nb in nbs}
         results = {}
         def timed(name):
             s = time.perf_counter()
@@ -284,13 +289,13 @@ def check(args) -> int:
                 name, ok, log, secs = fut.result()
                 results[name] = ok, log, secs
                 slow = next((l[8:] for l in log.splitlines() if l.startswith("SLOWEST ")), "")
-                print(f"{'ok' if ok else 'FAILED':6} {name:28} {secs:7.1f}s" + (f"  slowest: {slow}" if ok and slow else ""), flush=True)
+                print(f"{'ok' if ok else 'FAILED':6} {name:40} {secs:7.1f}s" + (f"  slowest: {slow}" if ok and slow else ""), flush=True)
                 if not ok: print(error_summary(log), flush=True)
         after = package_hashes(pkg)
         changed = sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
     failed = [n for n, (ok, _, _) in results.items() if not ok]
     print(f"\n{'job':34} {'result':8} time")
-    for name in jobs: print(f"{name:34} {'ok' if results[name][0] else 'FAILED':8} {results[name][2]:6.1f}s")
+    for name in jobs: print(f"{name:46} {'ok' if results[name][0] else 'FAILED':8} {results[name][2]:6.1f}s")
     print(f"{'total (wall, ' + str(args.jobs) + ' at a time)':34} {'':8} {time.perf_counter() - t0:6.1f}s")
     if changed:
         print("the lessons changed files of the installed package:", *changed, sep="\n  ")
@@ -331,6 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None, help="lessons at once, 1 or 2 (check: 2; --save: 1, all threads)")
     p.add_argument("--timeout", type=int, default=LESSON_TIMEOUT, help="check mode: seconds for one lesson")
     p.add_argument("--no-cli", action="store_true", help="check mode: skip the lora-kit command smoke test")
+    p.add_argument("--repeat", type=int, default=1, help="check mode: run every lesson this many times, each alone")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--expect-pkg", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--write", action="store_true", help=argparse.SUPPRESS)
