@@ -93,7 +93,7 @@ class FinetuneConfig:
     init_lora_weights:bool|str=True # True, "gaussian", "pissa" or "pissa_niter_K" (PiSSA, lesson 07)
     four_bit:bool=False # QLoRA: NF4 base (bitsandbytes)
     template:str="llama2" # a name in `lora_kit.data.TEMPLATES`, or "chat" for the tokenizer's own
-    max_length:int=256 # tokens per example; longer ones are cut (and counted)
+    max_length:int=256 # tokens per example; a longer one loses the end of its prompt first (lesson 08), and is counted
     eval_examples:int=200 # held-out examples measured before and after
     resume:bool=False # continue from the newest checkpoint in `output`
     resume_fallback:bool=False # with `resume`: if the newest checkpoint is broken, the one before it (with a warning)
@@ -178,9 +178,11 @@ def _finetune(c:FinetuneConfig, output:Path) -> dict:
     base, tokenizer = load_base(c.model, four_bit=c.four_bit)
     for name in find_targets(base, c.targets):  # a wrong target or rank fails now, not after the baseline evaluation
         check_lora_args(c.rank, c.alpha, c.dropout, base.get_submodule(name).in_features, base.get_submodule(name).out_features)
-    train_ds, eval_ds = split_data(c)
-    rows = lambda ds: tokenize_dataset(ds, tokenizer, c.template, c.max_length).to_list()
-    train_rows, eval_rows, eval_conv = rows(train_ds), rows(eval_ds), eval_ds["messages"]
+    splits = dict(zip(("train", "eval"), split_data(c)))
+    tokenized = {split: tokenize_dataset(ds, tokenizer, c.template, c.max_length, name=split) for split, ds in splits.items()}
+    examples = {split: dict(whole=len(t) - sum(t["truncated"]), truncated=sum(t["truncated"]), dropped=len(splits[split]) - len(t))
+                for split, t in tokenized.items()}  # per split; the three add up to its examples
+    train_rows, eval_rows, eval_conv = tokenized["train"].to_list(), tokenized["eval"].to_list(), splits["eval"]["messages"]
     tc = c.train
     if c.epochs: tc = replace(tc, max_steps=max(1, math.ceil(c.epochs * len(train_rows) / (tc.batch_size * tc.grad_accum))))
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
@@ -200,7 +202,7 @@ def _finetune(c:FinetuneConfig, output:Path) -> dict:
     metrics = dict(base_model=c.model, eval_loss_before=before_loss, eval_loss_after=result.pop("eval_loss"),
                    eval_accuracy_before=before_acc, eval_accuracy_after=after_acc,
                    flops_per_step=flops_per_step(c.model, "qlora" if c.four_bit else "lora", c.rank, c.targets, train_rows, tc, c.use_dora),
-                   **result, samples=samples)
+                   **result, examples=examples, samples=samples)
     atomic_write(output / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics
 

@@ -1,4 +1,6 @@
-"lora_kit.data on real files: loading, checks with file and row, templates, label masks, truncation, packing."
+"""lora_kit.data on real files: loading, checks with file and row, templates, label masks, truncation counts, packing.
+
+The truncation rule itself (the prompt cut before the reply, drops, the CLI's exit) is tested in test_truncation.py."""
 import csv, json, warnings
 
 import pytest, torch
@@ -126,9 +128,14 @@ def test_truncation_is_counted(tok):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = tokenize_dataset(ds, tok, max_length=max_length)
-    assert sum(out["truncated"]) == expected_cut
-    assert any(f"{expected_cut} of {len(ds)} examples" in str(w.message) for w in caught)
+    assert sum(out["truncated"]) == expected_cut and len(out) == len(ds)  # short prompts: cut, none dropped
+    messages = [str(w.message) for w in caught if "max_length" in str(w.message)]
+    assert messages == [f"{expected_cut} of {len(ds)} train examples were longer than max_length={max_length}: {expected_cut} kept "
+                        "with their prompt cut, 0 dropped (no response token left); raise max_length (--max-length) to keep them whole"]
     assert max(len(ids) for ids in out["input_ids"]) == max_length
+    for ex, msgs in zip(out, ds["messages"]):  # every reply whole, cut or not (the old cut at the end lost reply tokens)
+        reply = tok(f" {msgs[-1]['content']} </s>", add_special_tokens=False)["input_ids"]
+        assert [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != -100] == reply
 
 
 def test_packing_keeps_every_token_and_label(tok):
