@@ -1,5 +1,5 @@
 "Interrupted, diverging and tampered training: clear errors, no lost or half-written work."
-import os, pickle, signal, subprocess, sys, time
+import json, os, pickle, signal, subprocess, sys
 from pathlib import Path
 
 import pytest, torch
@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lora_kit.train
-from lora_kit.core import LoraKitError, partial_folder, tiny_llama
+from lora_kit.core import LoraKitError, WriteError, partial_folder, tiny_llama
 from lora_kit.inject import adapter_state_dict, add_lora
 from lora_kit.layers import LoRALinear
 from lora_kit.train import CHECKPOINTS, NonFiniteLossError, TrainConfig, checkpoints, latest_checkpoint, train
@@ -16,17 +16,71 @@ from lora_kit.train import CHECKPOINTS, NonFiniteLossError, TrainConfig, checkpo
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import examples  # noqa: E402
 
-WORKER = Path(__file__).with_name("train_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SLOW = ["--hidden", "256", "--max-steps", "24", "--save-every", "4", "--dropout", "0.1", "--batch-size", "4",
-        "--loraplus-ratio", "4"]  # LoRA+: two optimizer groups to save and restore
 
+KILLED_RUNS = r"""
+import json, os, signal, sys, traceback
+tests, root = sys.argv[1], sys.argv[2]
+sys.path.insert(0, tests)
+import torch, train_worker
+import lora_kit.inject as inject, lora_kit.train as loop
+ARGS = ["--max-steps", "8", "--save-every", "2", "--dropout", "0.1", "--batch-size", "4", "--loraplus-ratio", "4"]
 
-def worker(out, *args):
-    r = subprocess.run([sys.executable, str(WORKER), str(out), *SLOW, *args], capture_output=True, text=True,
-                       timeout=600, env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return load_file(Path(out) / "rank0" / "adapter.safetensors")
+def die(): os.kill(os.getpid(), signal.SIGKILL)
+
+def arm(point, at):
+    "Make this process SIGKILL itself at `point` of step `at`."
+    if point == "mid-step":  # after the forward and backward of step `at`, before its update
+        check = loop.check_finite
+        loop.check_finite = lambda loss, step: die() if step == at else check(loss, step)
+    elif point in ("writing trainer_state.pt", "writing the adapter"):  # half of that file of checkpoint `at` written
+        mine = (lambda f: str(f).endswith("trainer_state.pt")) if point == "writing trainer_state.pt" else (lambda f: True)
+        module, name = (torch, "save") if point == "writing trainer_state.pt" else (inject, "save_file")
+        real = getattr(module, name)
+        def half(obj, f, *args, **kwargs):
+            real(obj, f, *args, **kwargs)
+            if mine(f) and f"step-{at:06d}" in str(f):
+                os.truncate(f, os.path.getsize(f) // 2); die()
+        setattr(module, name, half)
+    else:  # "after the checkpoint": just after checkpoint `at` is complete
+        save = loop.save_checkpoint
+        def saved(output_dir, step, *args, **kwargs):
+            path = save(output_dir, step, *args, **kwargs)
+            if step == at: die()
+            return path
+        loop.save_checkpoint = saved
+
+def run(out, *extra, point=None, at=None):
+    "One training process, forked from this one (which has imported everything); its exit code, -9 when killed."
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            if point: arm(point, at)
+            train_worker.main([out, *ARGS, *extra])
+        except BaseException: traceback.print_exc(); code = 1
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+straight, killed = os.path.join(root, "straight"), os.path.join(root, "killed")
+train_worker.main([straight, *ARGS])  # here, not forked: what the first run imports lazily is then there for every fork
+report = dict(straight=0, kills=[])
+for i, (point, at) in enumerate(json.loads(sys.argv[3])):
+    code = run(killed, *(["--resume"] if i else []), point=point, at=at)
+    ckpts = os.path.join(killed, "checkpoints")
+    report["kills"].append(dict(point=point, at=at, code=code, finished=os.path.exists(os.path.join(killed, "rank0")),
+                                checkpoints=sorted(os.listdir(ckpts))))
+report["resumed"] = run(killed, "--resume")
+print(json.dumps(report))
+"""
+
+KILL_POINTS = [  # (where the process is killed, at which step, the checkpoints it leaves: hidden partial ones included)
+    ("mid-step", 3, ["step-000002"]),
+    ("writing trainer_state.pt", 4, [".step-000004.partial", "step-000002"]),
+    ("writing the adapter", 6, [".step-000006.partial", "step-000002", "step-000004"]),
+    ("after the checkpoint", 6, ["step-000002", "step-000004", "step-000006"]),
+    ("after the checkpoint", 8, ["step-000002", "step-000004", "step-000006", "step-000008"]),  # the last: before the final save
+]
 
 
 def assert_same(a, b):
@@ -34,20 +88,30 @@ def assert_same(a, b):
     for k in a: assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
-    straight = worker(tmp_path / "straight")
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(out), *SLOW], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / CHECKPOINTS / "step-000008").exists():
-        assert proc.poll() is None and time.time() < deadline, "the worker ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait(timeout=60)
-    assert not (out / "rank0").exists(), "the run finished before SIGKILL: make it slower"
-    for saved in checkpoints(out):  # only whole ones: what `save_checkpoint` writes, all of it
-        assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt", "rng_state_0.pt"} <= {p.name for p in saved.iterdir()}
-    assert_same(worker(out, "--resume"), straight)
+def test_sigkill_at_five_points_then_resume_equals_uninterrupted(tmp_path):
+    """One run killed (SIGKILL) five times, each time at another point: mid-step, while a checkpoint's optimizer state or
+    its adapter is half written, just after a checkpoint, after the last one; resumed after each kill. Every checkpoint and
+    the final adapter equal those of the same run uninterrupted. The processes are forked from one that imported
+    everything once, so the seven runs take seconds."""
+    points = [[point, at] for point, at, _ in KILL_POINTS]
+    r = subprocess.run([sys.executable, "-c", KILLED_RUNS, str(Path(__file__).parent), str(tmp_path), json.dumps(points)],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["straight"] == 0 and report["resumed"] == 0, r.stderr[-3000:]
+    for kill, (point, at, left) in zip(report["kills"], KILL_POINTS):
+        assert (kill["code"], kill["finished"]) == (-signal.SIGKILL, False), (point, at, r.stderr[-3000:])
+        assert kill["checkpoints"] == left, (point, at)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert [p.name for p in (killed / CHECKPOINTS).iterdir()] == [p.name for p in (straight / CHECKPOINTS).iterdir()]  # no partial left
+    for saved in checkpoints(straight):
+        again = killed / CHECKPOINTS / saved.name
+        assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt", "rng_state_0.pt"} <= {p.name for p in again.iterdir()}
+        assert_same(load_file(again / "adapter_model.safetensors"), load_file(saved / "adapter_model.safetensors"))
+        theirs, ours = (torch.load(c / "trainer_state.pt", weights_only=True)["optimizer"]["state"] for c in (saved, again))
+        assert theirs.keys() == ours.keys()
+        for k in theirs: assert_same(theirs[k], ours[k])  # Adam's moments and step count
+    assert_same(load_file(killed / "rank0" / "adapter.safetensors"), load_file(straight / "rank0" / "adapter.safetensors"))
 
 
 def test_broken_latest_checkpoint_is_an_error_or_falls_back(tmp_path):
@@ -96,9 +160,11 @@ def test_a_partial_checkpoint_is_never_listed_or_resumed_from(tmp_path):
 
 
 def test_a_checkpoint_that_fails_while_written_leaves_nothing(tmp_path, monkeypatch):
-    def disk_full(*args): raise OSError("No space left on device")
+    def disk_full(*args, **kwargs): raise OSError("No space left on device")  # no errno: its words say it
     monkeypatch.setattr(lora_kit.train, "save_adapter", disk_full)
-    with pytest.raises(OSError, match="No space left"): small_run(tmp_path)
+    with pytest.raises(WriteError, match=rf"^Could not write {tmp_path / CHECKPOINTS / 'step-000002'}: No space left on device\. "
+                                         r"Nothing half-written was left; free some space and run again\. No checkpoint is kept"):
+        small_run(tmp_path)
     assert list((tmp_path / CHECKPOINTS).iterdir()) == []
 
 
