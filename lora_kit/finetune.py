@@ -16,14 +16,14 @@ from functools import partial
 from pathlib import Path
 import datasets, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from .core import ConfigError, LoraKitError, asset_path, atomic_folder, atomic_write, output_lock
+from .core import ConfigError, LoraKitError, asset_path, atomic_files, atomic_folder, atomic_write, output_lock
 from .layers import check_lora_args
 from .inject import (ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_targets, load_adapter,
                              read_adapter_config, remove_lora, save_adapter)
 from .accounting import estimate
 from .data import DataError, TEMPLATES, collate, demo_path, ensure_pad_token, load_instructions, tokenize_dataset
 from .tiny import base_path, exact_match
-from .train import CHECKPOINTS, NonFiniteLossError, TrainConfig, checkpoints, evaluate_loss, plot_history, train
+from .train import CHECKPOINTS, NonFiniteLossError, TrainConfig, checkpoints, evaluate_loss, keeping_checkpoints, plot_history, train
 from .variants import pissa_niter  # importing lora_kit.variants registers DoRA and PiSSA: their adapters load here
 
 DEMO_TARGETS = ("v_proj", "o_proj")  # where a word's translation is written: see "The defaults" below
@@ -196,14 +196,15 @@ def _finetune(c:FinetuneConfig, output:Path) -> dict:
         save_adapter(base, output, base_model_name_or_path=base_name)
         raise NonFiniteLossError(f"{e} The last good adapter is saved in {output}.") from None
     after_acc, samples = exact_match(base.eval(), tokenizer, eval_conv, c.template)
-    save_adapter(base, output, base_model_name_or_path=base_name)
-    tokenizer.save_pretrained(output)
-    plot_history(result["history"], output / "loss.png")
-    metrics = dict(base_model=c.model, eval_loss_before=before_loss, eval_loss_after=result.pop("eval_loss"),
-                   eval_accuracy_before=before_acc, eval_accuracy_after=after_acc,
-                   flops_per_step=flops_per_step(c.model, "qlora" if c.four_bit else "lora", c.rank, c.targets, train_rows, tc, c.use_dora),
-                   **result, examples=examples, samples=samples)
-    atomic_write(output / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    with keeping_checkpoints(output):  # a refused write: one line naming the file and the last good checkpoint
+        save_adapter(base, output, base_model_name_or_path=base_name)
+        with atomic_files(output) as tmp: tokenizer.save_pretrained(tmp)  # save_pretrained writes in place: whole files only
+        plot_history(result["history"], output / "loss.png")
+        metrics = dict(base_model=c.model, eval_loss_before=before_loss, eval_loss_after=result.pop("eval_loss"),
+                       eval_accuracy_before=before_acc, eval_accuracy_after=after_acc,
+                       flops_per_step=flops_per_step(c.model, "qlora" if c.four_bit else "lora", c.rank, c.targets, train_rows, tc, c.use_dora),
+                       **result, examples=examples, samples=samples)
+        atomic_write(output / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics
 
 # %% ../nbs/12_finetune.ipynb #072aef2c

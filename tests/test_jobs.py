@@ -1,5 +1,5 @@
 "`lora-kit generate` and `lora-kit merge` as a user runs them, on a local checkpoint."
-import os, subprocess, sys
+import math, os, subprocess, sys
 
 import pytest, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,6 +102,10 @@ def test_finetune_trains_with_the_efficient_layer_and_holds_out_with_datasets(tm
 def test_cli_finetune_prints_the_summary_and_writes_the_folder(tmp_path):
     r = lora_kit("finetune", "--max-steps", 3, "--eval-examples", 10, "--output", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "trained 57,344 of 3,247,872 parameters (1.77%) for 3 steps" in r.stdout  # rank 16 on v,o: 4 layers x 16 x (256+128 + 256+256)
+    from safetensors import safe_open
+    from lora_kit.tiny import base_path
+    with safe_open(base_path() / "model.safetensors", "pt") as f: base = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    adapters = 4 * 16 * (256 + 128 + 256 + 256)  # rank 16 on v, o of 4 layers: r x (in + out) each
+    assert f"trained {adapters:,} of {base + adapters:,} parameters ({100 * adapters / (base + adapters):.2f}%) for 3 steps" in r.stdout
     assert "exact match 0.0% ->" in r.stdout
     assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "loss.png"} <= {p.name for p in (tmp_path / "out").iterdir()}

@@ -21,8 +21,8 @@ two at a time (`--jobs`), one thread each (`OMP_NUM_THREADS=1`).
 
 Save mode, `--save [NB ...]` (`make outputs`): executes the lessons in place in `nbs/` from the checkout (the
 editable install; every lora_kit module loaded is checked to come from it) at learner sizes (`IN_TEST` unset),
-skipping `#| slow` and `#| eval: false` cells, and writes the outputs into the notebooks without widget state or
-execution counts, cleaned as `nbdev-clean` would; a notebook edited while it ran is not overwritten. One lesson at a
+skipping `#| slow` and `#| eval: false` cells, with progress bars off, and writes the outputs into the notebooks
+without widget state or execution counts, cleaned as `nbdev-clean` would; a notebook edited while it ran is not overwritten. One lesson at a
 time with every thread, as a learner runs it, so the times the outputs show are a learner's (`--jobs 2`: two at a
 time, one thread each). It prints each lesson's wall time.
 """
@@ -38,6 +38,9 @@ PACKAGE = "lora_kit"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 LESSON_TIMEOUT = 1800   # seconds for one lesson in check mode, all cells together
 CELL_TIMEOUT = 600      # seconds for one cell (pyproject's cell_timeout for nbdev-test)
+# What a stored lesson shows is results: progress bars (tqdm's, the Hugging Face libraries' loading and map bars) are
+# live feedback for a learner running it, not evidence, so the runs that store outputs turn them off.
+STORED_OUTPUT_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 _directive = re.compile(r"^\s*#\s*\|\s*([^\s:]+)\s*:?\s?(.*?)\s*$")
 _magic = re.compile(r"^\s*%%\w+")
 _clear_codes = re.compile(r"(\x1b\[2K|\r)*")
@@ -309,6 +312,7 @@ def save(args) -> int:
     "Run lessons in place at learner sizes and store their outputs."
     nbs, t0 = select(args.notebooks), time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}
+    env |= STORED_OUTPUT_ENV
     if args.jobs > 1: env["OMP_NUM_THREADS"] = "1"  # several at once: one thread each
     def one(nb):
         s = time.perf_counter()
