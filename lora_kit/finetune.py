@@ -29,7 +29,7 @@ from .variants import pissa_niter  # importing lora_kit.variants registers DoRA 
 DEMO_TARGETS = ("v_proj", "o_proj")  # where a word's translation is written: see "The defaults" below
 DEMO_RANK, DEMO_ALPHA = 16, 32
 DEMO_ADAPTER = asset_path("demo_adapter")  # made by `build_demo_adapter`
-DEMO_CONFIG = TrainConfig(max_steps=1500, lr=5e-3, loraplus_lr_ratio=16, batch_size=16, warmup_steps=20)
+DEMO_CONFIG = TrainConfig(max_steps=2000, lr=5e-3, loraplus_lr_ratio=16, batch_size=16, warmup_steps=20)
 
 # %% ../nbs/12_finetune.ipynb #836c9d3b
 def resolve_model(model:str) -> str:

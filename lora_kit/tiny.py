@@ -170,7 +170,7 @@ def portable_tokenizer_files(folder:str|Path) -> Path:
     return folder
 
 def build_tiny_base(out:str|Path, # a new or replaced folder; the shipped one is `base_path()`
-                    n_documents:int=100_000, steps:int=350, seed:int=0) -> Path:
+                    n_documents:int=100_000, steps:int=700, seed:int=0) -> Path:
     "Generate the corpus, train the tokenizer, pretrain the tiny base and save both to `out`, all or nothing."
     lines = corpus(n_documents, seed)
     tokenizer = train_tokenizer(lines[:20_000])
