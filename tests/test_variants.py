@@ -305,7 +305,8 @@ def test_finetune_cli_trains_a_variant_whose_adapter_peft_loads(flags, tmp_path)
     ours, _ = load_adapted(out)
     base, _ = load_base("tiny")
     theirs = PeftModel.from_pretrained(base, out)
-    with torch.no_grad(): assert close(ours(IDS["input_ids"]).logits, theirs(IDS["input_ids"]).logits)
+    # identical weights compared in float64: fp32 kernels may round two equal models apart by 1e-5 on the rebuilt base
+    with torch.no_grad(): assert close(ours.double()(IDS["input_ids"]).logits, theirs.double()(IDS["input_ids"]).logits, tol=1e-9)
     if flags == ["--dora"]: assert config["use_dora"] is True and config["r"] == 16
     else: assert config["r"] == 32 and config["init_lora_weights"] is True and config["lora_alpha"] == 64
 
