@@ -7,7 +7,7 @@ STAMP := .installed
 # sdist and wheel for `make test`'s package checks (build/ is ignored by git)
 DIST := build/test-dist
 
-.PHONY: install demo test bench sync outputs gpu-check
+.PHONY: install demo test bench sync outputs gpu-check gpu-bundle gpu-rehearsal
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -32,9 +32,22 @@ bench: install
 	lora-kit bench
 
 # The prepared measurement for a machine with a GPU (LLaMA-2-7B shapes, random weights, no downloads): QLoRA and LoRA,
-# lora_kit vs peft, tokens/s and peak memory against the estimate; report in gpu-check/. Without a GPU: a tiny dry run.
-gpu-check: install
-	$(PYTHON) tools/gpu_check.py --out gpu-check
+# lora_kit vs peft, tokens/s and peak memory against the estimate; report in $OUT (a lent machine) or gpu-check/.
+# Without a GPU: a tiny dry run. With a bundle (make gpu-bundle) it installs nothing from an index: on a lent machine,
+# carry build/gpu-wheels and run `make gpu-check`. GPU_ARGS passes options, e.g. GPU_ARGS="--budget 300".
+GPU_WHEELS ?= build/gpu-wheels
+GPU_ARGS ?=
+gpu-check:
+	@if [ -d "$(GPU_WHEELS)" ]; then $(PYTHON) tools/gpu_check.py --wheels "$(GPU_WHEELS)" $(GPU_ARGS); \
+	else $(MAKE) -s install && $(PYTHON) tools/gpu_check.py $(GPU_ARGS); fi
+
+# The wheels a GPU machine without a package index lacks, for its Python 3.12 (<= 60 MiB): build/gpu-wheels/
+gpu-bundle:
+	$(PYTHON) tools/gpu_bundle.py --dest $(GPU_WHEELS)
+
+# `make gpu-check` on a stand-in of the GPU machine (its package versions, no bitsandbytes/datasets), offline
+gpu-rehearsal: install
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -m slow -s tests/test_gpu_rehearsal.py
 
 # Run the lessons in place at learner sizes and store their outputs in the notebooks (GitHub and Colab show them).
 # One lesson: make outputs NB=nbs/05_widgets.ipynb

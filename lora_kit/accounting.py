@@ -8,10 +8,11 @@ Docs: https://lora-kit.github.io/lora_kit/accounting.html.md"""
 __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'LINEAR_INPUT', 'QUANT_BLOCK', 'DTYPE_BYTES', 'PRECISIONS',
            'ADAPTER_BYTES', 'OPTIMIZERS', 'ADAM8_BLOCK', 'ADAM8_MIN_SIZE', 'ADAM8_CODE', 'ATTENTION', 'GPUS',
            'GPU_RESERVE', 'MEMORY_KINDS', 'GIB', 'ModelShape', 'load_config', 'head_dim', 'block_linears',
-           'resolve_targets', 'adapter_params', 'param_counts', 'grad_flow', 'block_flops', 'train_flops',
-           'dequant_flops', 'inference_flops', 'precision_bytes', 'quantized_bytes', 'weight_bytes', 'gradient_bytes',
-           'trainable_tensors', 'optimizer_bytes', 'block_saved_bytes', 'loss_saved_bytes', 'saved_bytes',
-           'memory_bytes', 'dora_extras', 'fits', 'estimate', 'fit_table', 'plot_memory', 'dashboard_data']
+           'resolve_targets', 'adapter_params', 'param_counts', 'counted_flops', 'counted_step_flops', 'grad_flow',
+           'block_flops', 'train_flops', 'dequant_flops', 'inference_flops', 'precision_bytes', 'quantized_bytes',
+           'weight_bytes', 'gradient_bytes', 'trainable_tensors', 'optimizer_bytes', 'block_saved_bytes',
+           'loss_saved_bytes', 'saved_bytes', 'memory_bytes', 'dora_extras', 'fits', 'estimate', 'fit_table',
+           'plot_memory', 'dashboard_data']
 
 # %% ../nbs/04_accounting.ipynb #1fd5019f
 import json, math
@@ -104,6 +105,22 @@ def param_counts(config:ModelShape,
     if method == "full": return dict(total=base, trainable=base)
     adapters = adapter_params(config, rank, targets)
     return dict(total=base + adapters, trainable=adapters)
+
+# %% ../nbs/04_accounting.ipynb #3edfb5fa
+def counted_flops(run, # a function that runs a model once (on the meta device: no memory, no time)
+                 ) -> int:
+    "FLOPs PyTorch's counter sees while `run()` runs, less RoPE's angles (see above)."
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter: run()
+    rope = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith(".rotary_emb"))
+    return counter.get_total_flops() - rope
+
+def counted_step_flops(model, # a `LlamaForCausalLM` (or a peft model of one) on the meta device
+                       batch_size:int, seq_len:int) -> int:
+    "FLOPs of one training step of `model` (forward + backward) as PyTorch's counter sees them, RoPE's angles aside."
+    import torch
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    return counted_flops(lambda: model(input_ids=ids, labels=ids).loss.backward())
 
 # %% ../nbs/04_accounting.ipynb #a49d7e3d
 LINEAR_INPUT = dict(q_proj="x", k_proj="x", v_proj="x", o_proj="attn", gate_proj="h2", up_proj="h2", down_proj="act")

@@ -1,17 +1,31 @@
 """`make gpu-check`: the prepared measurement for the first machine with a GPU (no network there, nothing from the Hub).
 
-It builds LLaMA-2-7B from its config with random weights, saves it as a local checkpoint, and measures one training
-setup per row — NF4 QLoRA and bf16 LoRA, all linear layers at r=16, 512 tokens × batch 4 — for lora_kit and for
-peft + bitsandbytes: tokens per second over the timed steps and `torch.cuda.max_memory_allocated` against
-`lora_kit.accounting.estimate`'s total. Then issue 18's comparison: `lora_kit.bench.run_bench` on the fp32,
-autocast and qlora paths, lora_kit's lean layer + chunked loss against peft (4 blocks of LLaMA-2-7B's width, one
-interleaved run), saved-for-backward bytes, peak memory and step time as ratios. Then it runs the lessons whose `#| cuda` cells need no download
-(`nbdev-test --flags cuda`). It writes `report.json` and `report.md` (a table for BENCHMARKS.md) to `--out`.
+On a lent GPU machine (no package index; its own torch, transformers and peft) `make gpu-check` runs this with
+`--wheels build/gpu-wheels` (made here by `make gpu-bundle`): the bundled wheels of what the machine lacks are
+installed without an index or dependencies into a folder of their own (`build/gpu-site`), each one only when the
+machine has no package of that name, so nothing of the machine's is replaced; lora_kit is imported from the checkout.
+Then the phases run in order of value, each printing its result as soon as it has one, the report rewritten after
+each (so a run cut short still leaves one):
 
-Without a GPU it runs the same code at tiny shapes on the CPU (a dry run, said so in the report) and exits 0.
+(a) `environment`: GPU, compute capability, free memory, versions, what the bundle installed and what was kept;
+(b) `estimates`: `default_compute_dtype` and `lora_kit.accounting.estimate` for each row of (c);
+(c) `training`: LLaMA-2-7B with random weights, built in bf16 on the GPU and written once (the time measured) to
+    memory-backed /dev/shm where it fits, else the temporary folder; NF4 QLoRA and bf16 LoRA, all linear layers at
+    r=16, 512 tokens × batch 4, for lora_kit and for peft + bitsandbytes: tokens per second over the timed steps and
+    `torch.cuda.max_memory_allocated` against the estimate;
+(d) `paths`: issue 18's comparison, `lora_kit.bench.run_bench` on the fp32, autocast and qlora paths, lora_kit's
+    lean layer + chunked loss against peft (4 blocks of LLaMA-2-7B's width, one interleaved run);
+(e) `cuda_lessons`: the lessons whose `#| cuda` cells need no download, run with execnb as `nbdev-test` runs them.
+
+`--budget SECONDS` (default 480, inside one 10-minute command) stops starting phases when the next one's expected time
+would not fit in what is left; the report names each skipped phase and why. It writes `report.json` and `report.md`
+(a table for BENCHMARKS.md) to `--out` (default: `$OUT` where that is set, as on a lent machine, else `gpu-check`).
+
+Without a GPU it runs the same code at tiny shapes on the CPU (a dry run, said so in the report): `make gpu-rehearsal`
+runs it so on a stand-in of the GPU machine, offline, from the bundle.
 """
-import argparse, gc, json, os, platform, subprocess, sys, tempfile, time
-from functools import partial
+import argparse, gc, json, os, platform, shutil, subprocess, sys, tempfile, time, traceback
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -19,7 +33,43 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_LESSONS = ("nbs/00_core.ipynb", "nbs/04_accounting.ipynb")  # their `#| cuda` cells need no download
 RANK, ALPHA, DROPOUT = 16, 32, 0.05
+# Seconds each phase is expected to take: (on the H200, on a 2-core CPU dry run). The CPU ones are the rehearsal's
+# measured times (README, "On a GPU"); the GPU ones are estimates until a lent machine has run the check.
+EXPECTED_SECONDS = dict(environment=(5, 1), estimates=(5, 2), training=(300, 10), paths=(150, 10), cuda_lessons=(150, 60))
+VERSIONS_OF = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors", "tokenizers",
+               "numpy", "execnb", "fastcore")
 
+
+# ---------------------------------------------------------------- the bundle
+
+def distribution_version(name: str) -> str | None:
+    try: return metadata.version(name)
+    except metadata.PackageNotFoundError: return None
+
+
+def install_bundle(wheels: Path, site: Path) -> dict:
+    """Install the bundle's wheels that this Python lacks into `site`, offline and without dependencies, and put `site`
+    and the checkout (lora_kit) on the import path of this process and of the processes it starts."""
+    manifest = json.loads((wheels / "manifest.json").read_text())
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if manifest["python_version"] != here:
+        sys.exit(f"gpu-check: {wheels} holds wheels for Python {manifest['python_version']}, this is Python {here}: "
+                 f"make the bundle for it (python tools/gpu_bundle.py --python-version {here})")
+    kept = {w["name"]: distribution_version(w["name"]) for w in manifest["wheels"] if distribution_version(w["name"])}
+    new = [w for w in manifest["wheels"] if w["name"] not in kept]
+    if site.exists(): shutil.rmtree(site)
+    if new:
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                            "--disable-pip-version-check", "--target", str(site), *[str(wheels / w["file"]) for w in new]],
+                           capture_output=True, text=True)
+        if r.returncode: sys.exit(f"gpu-check: installing the bundle failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    paths = [str(ROOT), str(site)]
+    sys.path[:0] = paths
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return dict(installed=sorted(w["file"] for w in new), kept_the_machines=kept)
+
+
+# ---------------------------------------------------------------- the measurements
 
 def base_config(on_gpu: bool):
     "LLaMA-2-7B's config on a GPU; on a CPU a small LLaMA whose widths suit bitsandbytes' CPU kernels."
@@ -104,76 +154,215 @@ def measure_paths(on_gpu: bool, device: str) -> list[dict]:
     return path_summary(result)
 
 
-def run_cuda_lessons() -> dict:
-    "Run the lessons whose `#| cuda` cells need no download with those cells switched on."
+def scratch_folder(nbytes: int) -> str | None:
+    "/dev/shm (memory, no disk writes) when it has room for `nbytes` and a margin, else None (the temporary folder)."
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > 1.2 * nbytes else None
+
+
+def run_cuda_lessons(timeout: int = 300) -> dict:
+    "Each lesson of `CUDA_LESSONS` alone in an empty folder with its `#| cuda` cells on, through execnb: {lesson: result}."
     results = {}
     for lesson in CUDA_LESSONS:
-        r = subprocess.run(["nbdev-test", "--flags", "cuda", lesson], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        results[lesson] = "passed" if r.returncode == 0 else "failed: " + (r.stderr or r.stdout).strip()[-600:]
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / Path(lesson).name
+            shutil.copy(ROOT / lesson, copy)
+            cmd = [sys.executable, str(ROOT / "tools" / "run_lessons.py"), "--worker", str(copy)]
+            try:
+                r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout,
+                                   env={**os.environ, "IN_TEST": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                results[lesson] = "passed" if r.returncode == 0 else "failed: " + (r.stderr or r.stdout).strip()[-600:]
+            except subprocess.TimeoutExpired: results[lesson] = f"failed: timed out after {timeout} s"
     return results
 
 
+# ---------------------------------------------------------------- the phases
+
+class PhaseFailed(Exception):
+    "A phase that failed with a result worth reporting all the same."
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result
+
+
+def phase_environment(ctx: dict) -> dict:
+    "The machine: GPU, compute capability, memory, Python and package versions."
+    env = dict(python=platform.python_version(), cpus=os.cpu_count(),
+               versions={n: distribution_version(n) for n in VERSIONS_OF}, bundle=ctx.get("bundle"))
+    import lora_kit
+    env["versions"]["lora_kit"] = f"{lora_kit.__version__} (from {Path(lora_kit.__file__).parent.parent.name})"
+    if ctx["on_gpu"]:
+        free, total = torch.cuda.mem_get_info()
+        env.update(gpu=torch.cuda.get_device_name(), capability=".".join(map(str, torch.cuda.get_device_capability())),
+                   cuda=torch.version.cuda, free_gib=round(free / 2**30, 1), total_gib=round(total / 2**30, 1))
+    return env
+
+
+def phase_estimates(ctx: dict) -> dict:
+    "`default_compute_dtype` here, and the estimate of each training row's memory (by kind) and FLOPs."
+    from lora_kit.accounting import estimate
+    from lora_kit.qlora import default_compute_dtype
+    rows = {}
+    for setup, method in ctx["setups"]:
+        est = estimate(ctx["config"], method, rank=RANK, targets="all-linear", seq_len=ctx["seq_len"],
+                       batch_size=ctx["batch_size"], precision="bf16" if ctx["on_gpu"] else "fp32", attn="sdpa")
+        rows[setup] = dict(memory_gib={k: round(v / 2**30, 3) for k, v in est["memory_bytes"].items()},
+                           flops_per_step=est["flops_per_step"], trainable_params=est["params_trainable"])
+        ctx.setdefault("estimate_bytes", {})[setup] = est["memory_bytes"]["total"]
+    return dict(default_compute_dtype=str(default_compute_dtype()).removeprefix("torch."), rows=rows)
+
+
+def phase_training(ctx: dict) -> dict:
+    "The random base written once (timed), then each setup for lora_kit and peft: tokens/s and peak memory."
+    config, device, dtype = ctx["config"], ctx["device"], ctx["dtype"]
+    from lora_kit.core import meta_llama
+    nbytes = 2 * sum(p.numel() for p in meta_llama(config).parameters())  # bf16 on disk
+    rows = []
+    with tempfile.TemporaryDirectory(dir=scratch_folder(nbytes)) as tmp:
+        start = time.perf_counter()
+        folder = save_random_base(config, Path(tmp) / "base", device)
+        written = dict(seconds=round(time.perf_counter() - start, 1), gib=round(nbytes / 2**30, 2),
+                       where="/dev/shm (memory)" if tmp.startswith("/dev/shm") else "temporary folder (disk)")
+        print(f"  random base built and written in {written['seconds']} s ({written['gib']} GiB, {written['where']})", flush=True)
+        ids = torch.randint(0, config.vocab_size, (ctx["batch_size"], ctx["seq_len"]), device=device)
+        for setup, method in ctx["setups"]:
+            for name, make in (("lora_kit", lora_kit_model), ("peft + bitsandbytes", peft_model)):
+                row = measure(make, folder, method == "qlora", dtype, ids, ctx["steps"])
+                est = ctx.get("estimate_bytes", {}).get(setup)
+                rows.append(dict(setup=setup, implementation=name, estimate_bytes=est, **row))
+                print(f"  {setup:10} {name:20} {row['tokens_per_second']:9.0f} tokens/s  peak {row['peak_bytes'] / 2**30:.2f} GiB"
+                      + (f"  estimate {est / 2**30:.2f} GiB" if est else ""), flush=True)
+    return dict(base_written=written, rows=rows)
+
+
+def phase_paths(ctx: dict) -> dict:
+    "efficient/peft per path: saved-for-backward bytes, peak memory and step time as ratios."
+    rows = measure_paths(ctx["on_gpu"], ctx["device"])
+    for r in rows:
+        print(f"  {r['path']:14} p={r['dropout']}: efficient/peft saved {r['saved_bytes']:.3f}, peak {r['peak_bytes']:.3f}, "
+              f"step {r['step_s']:.3f}", flush=True)
+    return dict(rows=rows)
+
+
+def phase_cuda_lessons(ctx: dict) -> dict:
+    "The `#| cuda` lessons (on a CPU their GPU cells say so and skip, the rest of each lesson runs)."
+    results = run_cuda_lessons()
+    for k, v in results.items(): print(f"  {k}: {v.splitlines()[0]}", flush=True)
+    if failed := [k for k, v in results.items() if v != "passed"]: raise PhaseFailed(f"{', '.join(failed)} failed", results)
+    return results
+
+
+PHASES = (("environment", phase_environment), ("estimates", phase_estimates), ("training", phase_training),
+          ("paths", phase_paths), ("cuda_lessons", phase_cuda_lessons))
+
+
+def run_phases(ctx: dict, budget: float, write, phases=PHASES, expected_seconds=EXPECTED_SECONDS,
+               clock=time.perf_counter) -> dict:
+    """Run `phases` in order while the next one's expected time fits in what is left of `budget` seconds; `write(report)`
+    after each. A phase that fails is reported with its error and the next one still runs."""
+    report, start = ctx["report"], clock()
+    for name, phase in phases:
+        left = budget - (clock() - start)
+        expected = expected_seconds[name][0 if ctx["on_gpu"] else 1]
+        if expected > left:
+            report["phases"][name] = dict(status="skipped", reason=f"expected ~{expected} s, {max(left, 0):.0f} s of the "
+                                                                   f"{budget:.0f} s budget left")
+            print(f"gpu-check: {name} skipped: {report['phases'][name]['reason']}", flush=True)
+        else:
+            print(f"gpu-check: {name} ...", flush=True)
+            t0 = clock()
+            try: report["phases"][name] = dict(status="done", result=phase(ctx))
+            except PhaseFailed as e:
+                report["phases"][name] = dict(status="failed", error=str(e), result=e.result)
+                print(f"gpu-check: {name} FAILED: {e}", flush=True)
+            except Exception as e:
+                report["phases"][name] = dict(status="failed", error=f"{type(e).__name__}: {e}",
+                                              traceback=traceback.format_exc()[-3000:])
+                print(f"gpu-check: {name} FAILED: {type(e).__name__}: {e}", flush=True)
+            report["phases"][name]["seconds"] = round(clock() - t0, 1)
+            print(f"gpu-check: {name} {report['phases'][name]['status']} in {report['phases'][name]['seconds']} s", flush=True)
+            gc.collect()
+            if ctx["on_gpu"]: torch.cuda.empty_cache()
+        write(report)
+    report["seconds"] = round(clock() - start, 1)
+    write(report)
+    return report
+
+
+# ---------------------------------------------------------------- the report
+
 def markdown(report: dict) -> str:
-    "The report as a Markdown table, for BENCHMARKS.md."
+    "The report as Markdown, for BENCHMARKS.md: the phases and their times, then each phase's table."
     kind = ("dry run at tiny shapes: these numbers test the script, they are not a benchmark" if report["dry_run"]
             else "LLaMA-2-7B shapes, random weights")
-    lines = [f"Device: {report['device']} ({kind}); "
-             f"all-linear r={RANK}, {report['batch_size']} × {report['seq_len']} tokens, {report['steps']} timed steps; "
-             f"command: `{report['command']}`", "",
-             "| setup | implementation | tokens/s | s/step | peak GiB (max_memory_allocated) | estimate GiB | peak / estimate |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in report["rows"]:
-        lines.append(f"| {r['setup']} | {r['implementation']} | {r['tokens_per_second']:.0f} | {r['seconds_per_step']:.3f} | "
-                     f"{r['peak_bytes'] / 2**30:.2f} | {r['estimate_bytes'] / 2**30:.2f} | {r['peak_bytes'] / r['estimate_bytes']:.2f} |")
-    lines += ["", "efficient/peft per path (`lora_kit.bench.run_bench`, 4 blocks of LLaMA-2-7B's width; goal: saved <= 0.75x, "
-              "step time <= 1.0x):", "", "| path | dropout | saved for backward | peak memory | step time | goal met |", "|---|---|---:|---:|---:|---|"]
-    lines += [f"| {r['path']} | {r['dropout']} | {r['saved_bytes']:.3f} | {r['peak_bytes']:.3f} | {r['step_s']:.3f} | "
-              f"{'yes' if r['meets_goal'] else 'no'} |" for r in report.get("paths", [])]
-    lines += ["", "`#| cuda` lessons: " + (", ".join(f"{k}: {v.splitlines()[0]}" for k, v in report["cuda_lessons"].items())
-                                          or "not run (no GPU)")]
+    ph = report["phases"]
+    lines = [f"Device: {report['device']} ({kind}); command: `{report['command']}`; budget {report['budget']} s", "",
+             "| phase | status | seconds | note |", "|---|---|---:|---|"]
+    for name, _ in PHASES:
+        p = ph.get(name, dict(status="not asked (--only)"))
+        lines.append(f"| {name} | {p['status']} | {p.get('seconds', '')} | {p.get('reason') or p.get('error', '')} |")
+    env = ph.get("environment", {}).get("result")
+    if env:
+        lines += ["", "Environment: " + "; ".join(f"{k} {v}" for k, v in env.items() if k not in ("versions", "bundle")),
+                  "", "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)]
+    est = ph.get("estimates", {}).get("result")
+    if est: lines += ["", f"`default_compute_dtype()`: {est['default_compute_dtype']}"]
+    train = ph.get("training", {}).get("result")
+    if train:
+        w = train["base_written"]
+        lines += ["", f"Random base written once in {w['seconds']} s ({w['gib']} GiB, {w['where']}); all-linear r={RANK}, "
+                  f"{report['batch_size']} × {report['seq_len']} tokens, {report['steps']} timed steps", "",
+                  "| setup | implementation | tokens/s | s/step | peak GiB (max_memory_allocated) | estimate GiB | peak / estimate |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in train["rows"]:
+            e = r["estimate_bytes"]
+            lines.append(f"| {r['setup']} | {r['implementation']} | {r['tokens_per_second']:.0f} | {r['seconds_per_step']:.3f} | "
+                         f"{r['peak_bytes'] / 2**30:.3g} | {e / 2**30:.3g} | {r['peak_bytes'] / e:.2f} |" if e else
+                         f"| {r['setup']} | {r['implementation']} | {r['tokens_per_second']:.0f} | {r['seconds_per_step']:.3f} | "
+                         f"{r['peak_bytes'] / 2**30:.3g} | | |")
+    paths = ph.get("paths", {}).get("result")
+    if paths:
+        lines += ["", "efficient/peft per path (`lora_kit.bench.run_bench`, 4 blocks of LLaMA-2-7B's width; goal: saved <= 0.75x, "
+                  "step time <= 1.0x):", "", "| path | dropout | saved for backward | peak memory | step time | goal met |",
+                  "|---|---|---:|---:|---:|---|"]
+        lines += [f"| {r['path']} | {r['dropout']} | {r['saved_bytes']:.3f} | {r['peak_bytes']:.3f} | {r['step_s']:.3f} | "
+                  f"{'yes' if r['meets_goal'] else 'no'} |" for r in paths["rows"]]
+    lessons = ph.get("cuda_lessons", {}).get("result")
+    if lessons: lines += ["", "`#| cuda` lessons: " + ", ".join(f"{k}: {v.splitlines()[0]}" for k, v in lessons.items())]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="gpu-check", help="folder for report.json and report.md")
+    p.add_argument("--out", default=os.environ.get("OUT") or "gpu-check", help="folder for report.json and report.md")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 20 on a GPU, 2 on a CPU)")
+    p.add_argument("--budget", type=float, default=480, help="seconds: no phase starts that is expected to run past it")
+    p.add_argument("--wheels", type=Path, help="install this bundle (make gpu-bundle) first, offline")
+    p.add_argument("--only", help="comma-separated phases to run, of: " + ", ".join(n for n, _ in PHASES))
     args = p.parse_args(argv)
-    from lora_kit.accounting import estimate
-    on_gpu = torch.cuda.is_available()
-    device = "cuda" if on_gpu else "cpu"
-    dtype = torch.bfloat16 if on_gpu else torch.float32  # the CPU dry run trains in fp32, as lora_kit does on a CPU
-    seq_len, batch_size = (512, 4) if on_gpu else (32, 2)
-    steps = args.steps or (20 if on_gpu else 2)
-    if not on_gpu: print("gpu-check: no GPU here — a dry run of the same code at tiny shapes on the CPU", flush=True)
-    config = base_config(on_gpu)
-    out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
-    report = dict(device=torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})",
-                  dry_run=not on_gpu, seq_len=seq_len, batch_size=batch_size, steps=steps,
-                  command="make gpu-check", torch=torch.__version__, rows=[])
+    asked = args.only.split(",") if args.only else [n for n, _ in PHASES]
+    if unknown := sorted(set(asked) - {n for n, _ in PHASES}):
+        p.error(f"--only: no phase {', '.join(unknown)}; the phases are {', '.join(n for n, _ in PHASES)}")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = save_random_base(config, Path(tmp) / "base", device)
-        ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
-        for setup, four_bit in (("NF4 QLoRA", True), ("bf16 LoRA" if on_gpu else "fp32 LoRA", False)):
-            method = "qlora" if four_bit else "lora"
-            est = estimate(config, method, rank=RANK, targets="all-linear", seq_len=seq_len, batch_size=batch_size,
-                           precision="bf16" if on_gpu else "fp32", attn="sdpa")
-            for name, make in (("lora_kit", lora_kit_model), ("peft + bitsandbytes", peft_model)):
-                row = measure(make, folder, four_bit, dtype, ids, steps)
-                report["rows"].append(dict(setup=setup, implementation=name, estimate_bytes=est["memory_bytes"]["total"], **row))
-                print(f"{setup:10} {name:20} {row['tokens_per_second']:9.0f} tokens/s  peak {row['peak_bytes'] / 2**30:.2f} GiB  "
-                      f"estimate {est['memory_bytes']['total'] / 2**30:.2f} GiB", flush=True)
-    report["paths"] = measure_paths(on_gpu, device)
-    for r in report["paths"]:
-        print(f"{r['path']:14} p={r['dropout']}: efficient/peft saved {r['saved_bytes']:.3f}, peak {r['peak_bytes']:.3f}, "
-              f"step {r['step_s']:.3f}", flush=True)
-    report["cuda_lessons"] = run_cuda_lessons() if on_gpu else {}
-    report["seconds"] = time.perf_counter() - started
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+    bundle = install_bundle(args.wheels.resolve(), ROOT / "build" / "gpu-site") if args.wheels else None
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu: print("gpu-check: no GPU here — a dry run of the same code at tiny shapes on the CPU", flush=True)
+    seq_len, batch_size = (512, 4) if on_gpu else (32, 2)
+    ctx = dict(on_gpu=on_gpu, device="cuda" if on_gpu else "cpu", bundle=bundle, seq_len=seq_len, batch_size=batch_size,
+               dtype=torch.bfloat16 if on_gpu else torch.float32,  # the CPU dry run trains in fp32, as lora_kit does on a CPU
+               steps=args.steps or (20 if on_gpu else 2), config=base_config(on_gpu),
+               setups=(("NF4 QLoRA", "qlora"), ("bf16 LoRA" if on_gpu else "fp32 LoRA", "lora")))
+    out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
+    ctx["report"] = dict(device=torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})",
+                         dry_run=not on_gpu, seq_len=seq_len, batch_size=batch_size, steps=ctx["steps"], budget=args.budget,
+                         command="make gpu-check", torch=torch.__version__,
+                         bundle_seconds=round(time.perf_counter() - started, 1), phases={})
+    def write(report):
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "report.md").write_text(markdown(report))
+    report = run_phases(ctx, args.budget, write, [(n, f) for n, f in PHASES if n in asked])
     print(markdown(report))
-    return 0
+    return 1 if any(p["status"] == "failed" for p in report["phases"].values()) else 0
 
 
 if __name__ == "__main__":
