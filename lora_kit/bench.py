@@ -424,7 +424,8 @@ def variant_sweep(variants=tuple(VARIANTS), # names in `VARIANTS`
     rows, runs = [], [(v, s) for s in seeds for v in variants]
     for name, seed in tqdm(runs, desc="variant sweep"):
         fields, train_fields = _split(VARIANTS[name])
-        train_config = replace(config, seed=seed, **train_fields)
+        train_config = replace(config, seed=seed, **train_fields,  # DoRA layers train with their own forward (lesson 07):
+                               efficient_layers=config.efficient_layers and not fields.get("use_dora"))  # no lean layer
         with tempfile.TemporaryDirectory() as out:
             m = finetune(output=out, train=train_config, eval_examples=eval_examples, **fields)
         peak = next((r["peak_step_bytes"] for r in rows if r["variant"] == name), None) or \

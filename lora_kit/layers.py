@@ -1,4 +1,4 @@
-"""A LoRA adapter on one linear layer: the naive two-matmul version, then `LoRALinear`, which wraps an existing `nn.Linear`, freezes it, initialises A and B as the paper does, applies dropout to the adapter branch only, and merges and unmerges in place. Checked against peft.
+"""A LoRA adapter on one linear layer: the naive two-matmul version, then `LoRALinear`, which wraps an existing `nn.Linear`, freezes it, initialises A and B as the LoRA paper (Hu et al., 2021) does, applies dropout to the adapter branch only, and merges and unmerges in place. Checked against peft.
 
 Docs: https://lora-kit.github.io/lora_kit/layers.html.md"""
 

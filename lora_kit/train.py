@@ -384,8 +384,8 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     history, tokens, seconds = [], 0, 0.0
     evaluate = lambda: dict(eval_loss=evaluate_loss(model, eval_examples, collate_fn),
                             **(metric_fn(accelerator.unwrap_model(model)) if metric_fn else {}))
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="training",
-               disable=not accelerator.is_main_process, mininterval=2.0)
+    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="training", mininterval=2.0,
+               **({} if accelerator.is_main_process else dict(disable=True)))  # on the main process TQDM_DISABLE=1 works
     model.train()
     for step in bar:
         t0 = time.perf_counter()

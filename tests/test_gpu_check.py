@@ -133,7 +133,7 @@ def test_the_bundle_installs_offline_and_never_replaces_what_is_there(tmp_path):
     code = ("import json, sys; sys.path.insert(0, 'tools'); import gpu_check; from pathlib import Path; "
             f"b = gpu_check.install_bundle(Path({str(wheels)!r}), Path({str(site)!r})); "
             "import lora_kit_probe, packaging, lora_kit; print(json.dumps([b, lora_kit_probe.VALUE, lora_kit.__file__]))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull})
     assert r.returncode == 0, r.stderr[-3000:]
     bundle, value, lora_kit_file = json.loads(r.stdout.strip().splitlines()[-1])
@@ -145,6 +145,6 @@ def test_a_bundle_for_another_python_is_refused_with_the_fix(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(dict(python_version="3.12" if sys.version_info[:2] != (3, 12) else "3.11",
                                                             wheels=[])))
     r = subprocess.run([sys.executable, "tools/gpu_check.py", "--wheels", str(tmp_path), "--out", str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "holds wheels for Python" in r.stderr and "--python-version" in r.stderr
     assert r.stderr.count("\n") <= 1  # one line, no traceback

@@ -3,13 +3,13 @@
 - it starts with the shared install cell (`tools/lessons.py`'s `INSTALL_CELL`) right under its title, installing
   from the repository that `pyproject.toml` names;
 - it has no `nbdev_export()` cell (a learner's copy has no library to export into);
-- it reads nothing by a repository-relative path: images by absolute URL, no `../` or `images/` paths;
-- it is committed with its outputs (GitHub and Colab show them as the docs) when its cells end on values worth
-  showing. `python tools/run_lessons.py --save` stores them.
+- it reads nothing by a repository-relative path: images as cell attachments, no `../` or `images/` paths;
+- it is committed with its outputs (GitHub and Colab show them as the docs), clean and in step with its source:
+  tests/test_stored_outputs.py (`tools/check_outputs.py`). `python tools/run_lessons.py --save` stores them.
 
 Whether each lesson really runs alone from the built wheel is `tools/run_lessons.py`'s check (`make test`).
 """
-import ast, json, re, sys, tomllib
+import json, re, sys, tomllib
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import lessons as L  # noqa: E402
-from run_lessons import directives, source  # noqa: E402
+from check_outputs import ends_on_value  # noqa: E402
+from run_lessons import source  # noqa: E402
 
 LESSONS = L.lessons()
 REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 URL = re.compile(r"""(?:https?|ftp)://[^\s)"'<>\]]+""")
 RELATIVE = re.compile(r"\.\./|(?<![\w.-])images/")
 RELATIVE_CODE = re.compile(r"\.\./|(?<![\w.-])images/|\bnbs/")  # prose may name the nbs/ folder; code may not open it
-NOT_SHOWN = {"export", "exporti", "exports", "hide", "slow", "cuda"}  # cells whose value a reader does not see
 
 
 def cells(nb: Path) -> list[dict]: return json.loads(nb.read_text())["cells"]
@@ -85,24 +85,6 @@ def test_no_repository_relative_paths(nb):
     assert found == {}, f"{nb.name}: repository-relative paths ({{cell from 0: paths}}) {found}; use absolute URLs"
 
 
-def ends_on_value(cell) -> bool:
-    """A code cell a reader runs whose last statement is an expression that shows a value: not ending in `;`,
-    not an assignment, import or definition (those are statements), not a `test_*` check (they return None),
-    and the cell not `#| export`/`#| hide`/`#| slow`/`#| eval: false`/`#| cuda`."""
-    if cell["cell_type"] != "code": return False
-    d = directives(cell)
-    if NOT_SHOWN & d.keys() or d.get("eval", "").lower() == "false": return False
-    lines = ["" if l.lstrip().startswith(("!", "%", "#")) else l for l in source(cell).splitlines()]
-    code = "\n".join(lines).strip()
-    if not code or code.splitlines()[-1].rstrip().endswith(";"): return False
-    try: body = ast.parse(code).body
-    except SyntaxError: return False
-    if not body or not isinstance(last := body[-1], ast.Expr): return False
-    f = last.value.func if isinstance(last.value, ast.Call) else None
-    name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
-    return not name.startswith("test_")
-
-
 def test_ends_on_value():
     cell = lambda s: {"cell_type": "code", "source": s}
     assert ends_on_value(cell("x = 1\nx"))
@@ -120,10 +102,3 @@ def test_ends_on_value():
     assert not ends_on_value({"cell_type": "markdown", "source": "x"})
 
 
-@pytest.mark.parametrize("nb", LESSONS, ids=ids(LESSONS))
-def test_lessons_that_show_values_are_committed_with_outputs(nb):
-    cs = cells(nb)
-    shown = [i for i, c in enumerate(cs) if ends_on_value(c)]
-    stored = sum(len(c.get("outputs", [])) for c in cs if c["cell_type"] == "code")
-    assert not shown or stored, (f"{nb.name}: cells (from 0) {shown[:8]}{'...' if len(shown) > 8 else ''} end on a value but "
-                                 f"the lesson has no stored outputs: run `python tools/run_lessons.py --save {nb.name}`")

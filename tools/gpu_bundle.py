@@ -75,7 +75,7 @@ def download(name: str, dest: Path, python_version: str) -> Path:
     spec = f"{name}=={version}" if version else name
     before = set(dest.glob("*.whl"))
     r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
-                        *platform_args(python_version), "-d", str(dest), spec], capture_output=True, text=True)
+                        *platform_args(python_version), "-d", str(dest), spec], capture_output=True, text=True, timeout=1200)
     if r.returncode: sys.exit(f"gpu-bundle: no wheel of {spec} for Python {python_version} manylinux x86_64:\n{r.stderr[-2000:]}")
     new = [w for w in set(dest.glob("*.whl")) - before if normalize(w.name.split("-")[0]) == normalize(name)]
     if not new:  # already downloaded by an earlier run into the same folder

@@ -61,7 +61,7 @@ def install_bundle(wheels: Path, site: Path) -> dict:
     if new:
         r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                             "--disable-pip-version-check", "--target", str(site), *[str(wheels / w["file"]) for w in new]],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, timeout=1200)
         if r.returncode: sys.exit(f"gpu-check: installing the bundle failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     paths = [str(ROOT), str(site)]
     sys.path[:0] = paths

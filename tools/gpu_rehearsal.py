@@ -33,7 +33,7 @@ STAND_INS = {"torch": ("torch==2.13.0", "the CPU build on this machine's disk st
 def step(what: str, cmd: list[str], **kw) -> subprocess.CompletedProcess:
     "Run `cmd`, print its time; exit with its output if it fails."
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw, timeout=1200)
     print(f"gpu-rehearsal: {what}: {'ok' if r.returncode == 0 else 'FAILED'} in {time.perf_counter() - t0:.0f} s", flush=True)
     if r.returncode: sys.exit(f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
@@ -51,7 +51,7 @@ def stand_in_requirements(manifest: dict) -> list[str]:
 def installed(python: Path) -> set[str]:
     "The normalized names of the packages in the environment of `python`."
     r = subprocess.run([str(python), "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True, check=True, timeout=1200)
     return {normalize(p["name"]) for p in json.loads(r.stdout)}
 
 

@@ -32,6 +32,8 @@ import argparse, hashlib, json, os, re, shutil, signal, subprocess, sys, tempfil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from check_outputs import DIGEST_KEY, digest  # tools/check_outputs.py: what a stored lesson must hold
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS, NBS = ROOT / "tools", ROOT / "nbs"
 PACKAGE = "lora_kit"
@@ -94,6 +96,16 @@ def strip_widget_state(nb: dict) -> dict:
     return nb
 
 
+def record_sources(nb: dict) -> dict:
+    """`nb` with the digest of each code cell's source in its metadata (`stored_source`) where it has outputs, so
+    tools/check_outputs.py can tell a cell whose source changed after its outputs were stored."""
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code": continue
+        cell.setdefault("metadata", {}).pop(DIGEST_KEY, None)
+        if cell.get("outputs"): cell["metadata"][DIGEST_KEY] = digest(cell)
+    return nb
+
+
 # ---------------------------------------------------------------- worker: one notebook in this process
 
 def run_notebook(path: Path, save: bool = False, expect_pkg: Path | None = None, cell_timeout: int = CELL_TIMEOUT) -> int:
@@ -132,7 +144,7 @@ def run_notebook(path: Path, save: bool = False, expect_pkg: Path | None = None,
             print(f"ERROR: {path} changed while it ran; outputs not written", file=sys.stderr)
             return 1
         from fastcore.nbio import nb2dict
-        write_nb(strip_widget_state(nb2dict(nb)), path)
+        write_nb(record_sources(strip_widget_state(nb2dict(nb))), path)
         from nbdev.clean import nbdev_clean
         nbdev_clean(fname=str(path))  # exactly what tools/check_sync.py will compare against
     return 0
