@@ -351,7 +351,8 @@ def demo_trainee(rank:int, # LoRA rank
     model, tokenizer = load_base("tiny")
     rows = tokenize_dataset(load_instructions(demo_path("train")).select(range(batch_size)), tokenizer).to_list()
     torch.manual_seed(seed)
-    use_efficient_layers(add_lora(model, targets, r=rank, alpha=2 * rank, **options))
+    add_lora(model, targets, r=rank, alpha=2 * rank, **options)
+    if not options.get("use_dora"): use_efficient_layers(model)  # DoRA layers train with their own forward (lesson 07)
     return Trainee(model, chunked_loss, collate(rows, tokenizer.pad_token_id)["input_ids"])
 
 # %% ../nbs/15_bench.ipynb #653a6116
