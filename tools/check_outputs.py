@@ -15,15 +15,14 @@ runs it over every lesson.
 """
 from __future__ import annotations
 
-import argparse, ast, hashlib, json, re, sys
+import argparse, ast, json, re, sys
 from pathlib import Path
 
+from run_lessons import DIGEST_KEY, digest, directives, lessons, source  # the tool that stores the outputs
+
 ROOT = Path(__file__).resolve().parent.parent
-NBS = ROOT / "nbs"
 MAX_CHARS = 4000
-DIGEST_KEY = "stored_source"
 NOT_SHOWN = {"export", "exporti", "exports", "hide", "slow", "cuda"}  # cells whose value a reader does not see
-_directive = re.compile(r"^\s*#\s*\|\s*([^\s:]+)\s*:?\s?(.*?)\s*$")
 NOISE = {
     "a temporary folder's path": re.compile(r"(?<![\w.])/(?:tmp|var/folders|private/var)/[\w.-]+"),
     "a home folder's path": re.compile(r"(?<![\w.])(?:/root|/home/[\w.-]+|/Users/[\w.-]+)/"),
@@ -34,26 +33,6 @@ NOISE = {
     "a progress bar": re.compile(r"\d+%\|.*\||\d+(?:\.\d+)?(?:it|s)/(?:s|it)\]"),
 }
 URL_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*https?://|<img[^>]+src=[\"']https?://", re.I)
-
-
-def source(cell) -> str:
-    s = cell["source"]
-    return s if isinstance(s, str) else "".join(s)
-
-
-def digest(cell) -> str:
-    "The digest `run_lessons.py --save` records for a cell's source."
-    return hashlib.sha256(source(cell).encode()).hexdigest()[:16]
-
-
-def directives(cell) -> dict[str, str]:
-    found = {}
-    for line in source(cell).splitlines():
-        if not line.strip(): continue
-        m = _directive.match(line)
-        if not m: break
-        found[m.group(1)] = m.group(2)
-    return found
 
 
 def output_text(cell) -> str:
@@ -104,10 +83,6 @@ def problems(path: Path) -> list[str]:
         if outputs and cell.get("metadata", {}).get(DIGEST_KEY) != digest(cell):
             found.append(f"{where}: its source changed since its outputs were stored ({store})")
     return found
-
-
-def lessons() -> list[Path]:
-    return sorted(p for p in NBS.glob("*.ipynb") if re.match(r"\d\d_", p.name))
 
 
 def main(argv=None) -> int:

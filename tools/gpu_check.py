@@ -25,10 +25,11 @@ Without a GPU it runs the same code at tiny shapes on the CPU (a dry run, said s
 runs it so on a stand-in of the GPU machine, offline, from the bundle.
 """
 import argparse, gc, json, os, platform, shutil, subprocess, sys, tempfile, time, traceback
-from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from gpu_bundle import local_version  # the installed version of a distribution, or None
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_LESSONS = ("nbs/00_core.ipynb", "nbs/04_accounting.ipynb")  # their `#| cuda` cells need no download
@@ -42,11 +43,6 @@ VERSIONS_OF = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "d
 
 # ---------------------------------------------------------------- the bundle
 
-def distribution_version(name: str) -> str | None:
-    try: return metadata.version(name)
-    except metadata.PackageNotFoundError: return None
-
-
 def install_bundle(wheels: Path, site: Path) -> dict:
     """Install the bundle's wheels that this Python lacks into `site`, offline and without dependencies, and put `site`
     and the checkout (lora_kit) on the import path of this process and of the processes it starts."""
@@ -55,7 +51,7 @@ def install_bundle(wheels: Path, site: Path) -> dict:
     if manifest["python_version"] != here:
         sys.exit(f"gpu-check: {wheels} holds wheels for Python {manifest['python_version']}, this is Python {here}: "
                  f"make the bundle for it (python tools/gpu_bundle.py --python-version {here})")
-    kept = {w["name"]: distribution_version(w["name"]) for w in manifest["wheels"] if distribution_version(w["name"])}
+    kept = {w["name"]: v for w in manifest["wheels"] if (v := local_version(w["name"]))}
     new = [w for w in manifest["wheels"] if w["name"] not in kept]
     if site.exists(): shutil.rmtree(site)
     if new:
@@ -188,7 +184,7 @@ class PhaseFailed(Exception):
 def phase_environment(ctx: dict) -> dict:
     "The machine: GPU, compute capability, memory, Python and package versions."
     env = dict(python=platform.python_version(), cpus=os.cpu_count(),
-               versions={n: distribution_version(n) for n in VERSIONS_OF}, bundle=ctx.get("bundle"))
+               versions={n: local_version(n) for n in VERSIONS_OF}, bundle=ctx.get("bundle"))
     import lora_kit
     env["versions"]["lora_kit"] = f"{lora_kit.__version__} (from {Path(lora_kit.__file__).parent.parent.name})"
     if ctx["on_gpu"]:
@@ -316,10 +312,9 @@ def markdown(report: dict) -> str:
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in train["rows"]:
             e = r["estimate_bytes"]
+            against = f"{e / 2**30:.3g} | {r['peak_bytes'] / e:.2f}" if e else " | "  # no estimate when that phase was skipped
             lines.append(f"| {r['setup']} | {r['implementation']} | {r['tokens_per_second']:.0f} | {r['seconds_per_step']:.3f} | "
-                         f"{r['peak_bytes'] / 2**30:.3g} | {e / 2**30:.3g} | {r['peak_bytes'] / e:.2f} |" if e else
-                         f"| {r['setup']} | {r['implementation']} | {r['tokens_per_second']:.0f} | {r['seconds_per_step']:.3f} | "
-                         f"{r['peak_bytes'] / 2**30:.3g} | | |")
+                         f"{r['peak_bytes'] / 2**30:.3g} | {against} |")
     paths = ph.get("paths", {}).get("result")
     if paths:
         lines += ["", "efficient/peft per path (`lora_kit.bench.run_bench`, 4 blocks of LLaMA-2-7B's width; goal: saved <= 0.75x, "

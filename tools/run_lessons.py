@@ -32,8 +32,6 @@ import argparse, hashlib, json, os, re, shutil, signal, subprocess, sys, tempfil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from check_outputs import DIGEST_KEY, digest  # tools/check_outputs.py: what a stored lesson must hold
-
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS, NBS = ROOT / "tools", ROOT / "nbs"
 PACKAGE = "lora_kit"
@@ -45,6 +43,7 @@ CELL_TIMEOUT = 600      # seconds for one cell (pyproject's cell_timeout for nbd
 STORED_OUTPUT_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 _directive = re.compile(r"^\s*#\s*\|\s*([^\s:]+)\s*:?\s?(.*?)\s*$")
 _magic = re.compile(r"^\s*%%\w+")
+DIGEST_KEY = "stored_source"  # cell metadata: the digest of the source its stored outputs came from
 _clear_codes = re.compile(r"(\x1b\[2K|\r)*")
 
 
@@ -94,6 +93,11 @@ def strip_widget_state(nb: dict) -> dict:
         for o in cell["outputs"]:
             if "execution_count" in o: o["execution_count"] = None
     return nb
+
+
+def digest(cell) -> str:
+    "The digest of a cell's source that `record_sources` stores and tools/check_outputs.py compares."
+    return hashlib.sha256(source(cell).encode()).hexdigest()[:16]
 
 
 def record_sources(nb: dict) -> dict:
