@@ -25,7 +25,7 @@ from .inject import CONFIG_NAME, WEIGHTS_NAME, adapter_layers, lora_disabled, me
 from . import accounting
 from .data import llama2_chat
 from .tiny import generate
-from .finetune import DEMO_ADAPTER, load_adapted, resolve_model
+from .qlora import DEMO_ADAPTER, open_adapter, resolve_model
 
 # %% ../nbs/16_app.ipynb #13451f7e
 def check_adapter_folder(path:str|Path, # the folder typed in the app
@@ -95,12 +95,14 @@ def open_pair(adapter:str|Path, # adapter folder
     config = check_adapter_folder(adapter)
     name = model or config.get("base_model_name_or_path")
     if not name: raise ConfigError(f"{adapter}: {CONFIG_NAME} names no base_model_name_or_path: type the base model.")
-    base_config = AutoConfig.from_pretrained(check_base_name(name))
-    try: shapes = saved_shapes(adapter)
-    except (SafetensorError, OSError): shapes = {}  # a missing or unreadable file: the load says which
-    if isinstance(base_config, LlamaConfig) and (problem := shape_problem(shapes, config["r"], accounting.block_linears(base_config))):
-        raise ConfigError(problem)
-    return load_adapted(adapter, model=name)
+    def fits(config, name):  # before the base loads: its name (the Hub asked once) and the adapter's shapes against it
+        base_config = AutoConfig.from_pretrained(check_base_name(name))
+        try: shapes = saved_shapes(adapter)
+        except (SafetensorError, OSError): shapes = {}  # a missing or unreadable file: the load says which
+        if isinstance(base_config, LlamaConfig) and (problem := shape_problem(shapes, config["r"], accounting.block_linears(base_config))):
+            raise ConfigError(problem)
+    model, tokenizer, _ = open_adapter(adapter, name, config=config, check=fits)
+    return model, tokenizer
 
 # %% ../nbs/16_app.ipynb #5eb8d8a4
 def adapter_variant(config:dict) -> str:

@@ -142,9 +142,9 @@ def _finetune(args):
 
 # %% ../nbs/17_cli.ipynb #0913e788
 def _generate(args):
-    from lora_kit.finetune import load_adapted
+    from lora_kit.qlora import open_adapter  # no training stack: generating starts sooner
     from lora_kit.tiny import generate
-    model, tokenizer = load_adapted(args.adapter, model=args.model, four_bit=args.four_bit)
+    model, tokenizer, _ = open_adapter(args.adapter, model=args.model, four_bit=args.four_bit)
     print(generate(model, tokenizer, [args.prompt], args.max_new_tokens, args.temperature, args.top_p)[0])
 
 def _merge(args):

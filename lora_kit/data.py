@@ -18,7 +18,7 @@ from functools import partial
 from itertools import takewhile
 from pathlib import Path
 from typing import Callable
-import datasets, torch
+import torch  # `datasets` is imported where a function needs it: the app and export load this module without it
 from .core import ConfigError, LoraKitError, asset_path
 
 # %% ../nbs/08_data.ipynb #bcd39376
@@ -116,8 +116,9 @@ def demo_path(split:str="train") -> Path:
 def load_instructions(source:str|Path,        # a .jsonl/.json/.csv file, or a hub dataset name
                       columns:dict|None=None, # our field -> their column, e.g. {"instruction": "question"}
                       split:str="train",      # the split to take from a hub dataset
-                     ) -> datasets.Dataset:
+                     ) -> "datasets.Dataset":
     "Instruction data as a `datasets.Dataset` with one column, `messages`, every row checked."
+    import datasets
     if Path(source).suffix.lower() in (".jsonl", ".json", ".csv") or Path(source).exists():
         rows = read_rows(source)
     else:
@@ -293,8 +294,9 @@ def tokenize_messages(messages:list[dict], tokenizer, template:str|Callable="lla
             "truncated": len(keep) < len(enc["kinds"])}
 
 # %% ../nbs/08_data.ipynb #6ddd65ea
-def pack(ds:datasets.Dataset, max_length:int) -> datasets.Dataset:
+def pack(ds:"datasets.Dataset", max_length:int) -> "datasets.Dataset":
     "Concatenate `input_ids`/`labels` of all rows and cut them into blocks of `max_length` (the last may be shorter)."
+    import datasets
     ids = [i for row in ds["input_ids"] for i in row]
     labels = [l for row in ds["labels"] for l in row]
     starts = range(0, len(ids), max_length)
@@ -302,7 +304,7 @@ def pack(ds:datasets.Dataset, max_length:int) -> datasets.Dataset:
                                        "labels": [labels[s:s + max_length] for s in starts]})
 
 # %% ../nbs/08_data.ipynb #5b443c98
-def _nothing_left(ds:datasets.Dataset, tokenizer, template, max_length:int, name:str) -> DataError:
+def _nothing_left(ds:"datasets.Dataset", tokenizer, template, max_length:int, name:str) -> DataError:
     "Why no example of `ds` keeps a reply token: its longest prompt, and the `max_length` that keeps every first reply whole."
     prompts, needs = [], []
     for messages in ds["messages"]:
@@ -315,13 +317,13 @@ def _nothing_left(ds:datasets.Dataset, tokenizer, template, max_length:int, name
                      f"(longest prompt {max(prompts)} tokens), so no response token is left to learn from; "
                      f"raise max_length (--max-length) to at least {max(needs)}{system}")
 
-def tokenize_dataset(ds:datasets.Dataset,              # rows with `messages`, from `load_instructions`
+def tokenize_dataset(ds:"datasets.Dataset",             # rows with `messages`, from `load_instructions`
                      tokenizer,
                      template:str|Callable="llama2",   # see `get_template`
                      max_length:int=512,               # a longer example is cut by `fit_to_length`, and counted
                      packing:bool=False,               # concatenate into blocks of `max_length`
                      name:str="train",                 # what the warning and the error call these examples, e.g. "eval"
-                    ) -> datasets.Dataset:
+                    ) -> "datasets.Dataset":
     "Tokenized `input_ids`/`labels` (−100 on prompts) and `truncated`; drops examples left without a reply token, counted in one warning."
     tokenized = ds.map(lambda row: tokenize_messages(row["messages"], tokenizer, template, max_length),
                        remove_columns=ds.column_names)

@@ -6,11 +6,11 @@ Docs: https://lora-kit.github.io/lora_kit/efficient.html.md"""
 
 # %% auto #0
 __all__ = ['BASE_WEIGHTS', 'EFFICIENT_LAYERS', 'SavedTensor', 'SavedTensorLog', 'dropout_keep_mask', 'dropout_keep_scale',
-           'autocast_dtype', 'LoRAFunction', 'EfficientLoRALinear', 'count_flops', 'LinearCrossEntropy',
-           'chunked_cross_entropy', 'causal_lm_loss', 'use_efficient_layers']
+           'autocast_dtype', 'LoRAFunction', 'EfficientLoRALinear', 'flop_formulas', 'count_flops',
+           'LinearCrossEntropy', 'chunked_cross_entropy', 'causal_lm_loss', 'use_efficient_layers']
 
 # %% ../nbs/06_efficient.ipynb #4c35b3ff
-import math, warnings
+import math, sys, warnings
 from collections import defaultdict
 from typing import NamedTuple
 import torch
@@ -160,9 +160,18 @@ class EfficientLoRALinear(LoRALinear):
 def _addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
 
+def _gemm_4bit_flops(a_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(out_shape) * a_shape[-1]  # each output: a dot product over the input's last dimension
+
+def flop_formulas() -> dict:
+    "Formulas `FlopCounterMode` lacks: in-place `addmm_`, and bitsandbytes' 4-bit matmul `gemm_4bit` once bitsandbytes is loaded."
+    formulas = {torch.ops.aten.addmm_: _addmm_flops}
+    if "bitsandbytes" in sys.modules: formulas[torch.ops.bitsandbytes.gemm_4bit] = _gemm_4bit_flops
+    return formulas
+
 def count_flops(fn) -> int:
-    "FLOPs of the matmuls `fn()` runs, by `FlopCounterMode`, with in-place `addmm_` counted like `addmm`."
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter: fn()
+    "FLOPs of the matmuls `fn()` runs, by `FlopCounterMode`, with `flop_formulas()` for the ops it does not know."
+    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter: fn()
     return counter.get_total_flops()
 
 # %% ../nbs/06_efficient.ipynb #38c72f8b

@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 from .core import ConfigError, MissingExtraError, atomic_write
-from .inject import load_adapter, read_adapter_config, remove_lora
+from .inject import read_adapter_config, remove_lora
 from .data import LLAMA2_CHAT_TEMPLATE, get_template
-from .finetune import load_base, resolve_model
+from .qlora import open_adapter, resolve_model
 
 # %% ../nbs/14_export.ipynb #0c9b3480
 def require_gguf():
@@ -59,10 +59,9 @@ def merged_model(adapter:str|Path, # an adapter folder (peft format)
                  dtype:torch.dtype=torch.float32, # weights' dtype for the merge
                 ):
     "`(model, tokenizer)`: the adapter's LLaMA base in full precision (never 4-bit), the adapter merged in, on the CPU."
-    check_llama(base_config(adapter, model))
-    base, tokenizer = load_base(model or read_adapter_config(adapter)["base_model_name_or_path"], dtype=dtype)
-    if (Path(adapter) / "tokenizer_config.json").exists(): tokenizer = AutoTokenizer.from_pretrained(adapter)
-    return remove_lora(load_adapter(base, adapter), merge=True).eval().cpu(), tokenizer
+    refuse_other = lambda config, name: check_llama(base_config(adapter, name))  # before any weight loads
+    adapted, tokenizer, _ = open_adapter(adapter, model, dtype=dtype, check=refuse_other)
+    return remove_lora(adapted, merge=True).eval().cpu(), tokenizer
 
 # %% ../nbs/14_export.ipynb #8d360b32
 GGUF_NAMES = {  # Hugging Face LLaMA module name -> llama.cpp's; per block under model.layers.N

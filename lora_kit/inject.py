@@ -242,9 +242,10 @@ def load_adapter(model:nn.Module, # the base model the adapter was trained on (w
                  path:str|Path, # an adapter folder in peft's format (saved by lora_kit or peft)
                  layer_cls=None, # the adapter layer class; default: the registered one for the adapter's config
                  autocast_adapter_dtype:bool=True, # fp32 adapters on a bf16/fp16 base (as peft); False: the base's dtype
+                 config:dict|None=None, # `read_adapter_config(path)`, when the caller has read it already
                 ) -> nn.Module:
     "Add LoRA adapters to `model` as `path`'s config says and load their weights; nothing is left half-loaded."
-    config, weights = read_adapter_config(path), read_adapter_weights(path)
+    config, weights = config or read_adapter_config(path), read_adapter_weights(path)
     _add_adapters(model, config, layer_cls, autocast_adapter_dtype=autocast_adapter_dtype)
     try: return _copy_weights(model, weights, path)
     except Exception:

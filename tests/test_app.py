@@ -8,8 +8,9 @@ pytest.importorskip("streamlit", reason="the app needs the app extra: pip instal
 from streamlit.testing.v1 import AppTest
 
 import lora_kit.app as app
+import lora_kit.qlora
 from lora_kit.core import ConfigError, byte_tokenizer, tiny_llama
-from lora_kit.finetune import DEMO_ADAPTER, load_adapted
+from lora_kit.qlora import DEMO_ADAPTER, open_adapter
 from lora_kit.inject import adapter_layers, adapter_state_dict
 
 METRICS = json.loads((DEMO_ADAPTER / "metrics.json").read_text())
@@ -29,7 +30,7 @@ def test_the_app_loads_the_dashboard_data_not_the_widgets():
 
 @pytest.fixture(scope="module")
 def demo_model():
-    return load_adapted(DEMO_ADAPTER)
+    return open_adapter(DEMO_ADAPTER)[:2]
 
 
 @pytest.fixture
@@ -200,7 +201,7 @@ def test_bad_input_shows_what_is_wrong_and_keeps_running(page, tmp_path, case, e
 
 def test_an_unknown_base_name_is_refused_without_loading(monkeypatch):
     "The check asks the Hub once (no retry loop): the loader, which retries offline, is never reached."
-    monkeypatch.setattr(app, "load_adapted", lambda *a, **k: pytest.fail("the base was loaded"))
+    monkeypatch.setattr(lora_kit.qlora, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
     with pytest.raises(ConfigError, match="llama-tiny"):
         app.open_pair(DEMO_ADAPTER, "llama-tiny")
 

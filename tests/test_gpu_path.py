@@ -3,7 +3,7 @@
 LLaMA-2-7B's real config with two decoder layers instead of 32 (random weights, ~0.7B parameters): every weight
 shape and dtype of the 7B path — 4096-wide attention, the 11008-wide MLP, the 32000-token vocabulary, NF4 blocks —
 runs here through `load_base(four_bit=True)`, `add_lora("all-linear", r=16)`, `train`, `save_adapter` and
-`load_adapted`, so nothing on that path runs for the first time in Colab.
+`open_adapter`, so nothing on that path runs for the first time in Colab.
 """
 import json, math
 from functools import partial
@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 pytest.importorskip("bitsandbytes", reason="QLoRA needs the qlora extra: pip install 'lora_kit[qlora]'")
 from lora_kit.core import llama2_config
 from lora_kit.data import collate, demo_path, llama2_style_tokenizer, load_instructions, tokenize_dataset
-from lora_kit.finetune import load_adapted, load_base
+from lora_kit.qlora import load_base, open_adapter
 from lora_kit.inject import add_lora, adapter_layers, save_adapter
 from lora_kit.qlora import prepare_for_kbit_training
 from lora_kit.train import TrainConfig, train
@@ -68,6 +68,6 @@ def test_qlora_at_7b_layer_shapes_trains_saves_and_reloads(base_7b_shapes, tmp_p
     folder = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base_7b_shapes))
     ids = collate(rows[:2], tokenizer.pad_token_id)
     with torch.no_grad(): expected = model.eval()(**{k: ids[k] for k in ("input_ids", "attention_mask")}).logits
-    reloaded, _ = load_adapted(folder, four_bit=True)
+    reloaded, _, _ = open_adapter(folder, four_bit=True)
     with torch.no_grad(): got = reloaded(**{k: ids[k] for k in ("input_ids", "attention_mask")}).logits
     torch.testing.assert_close(got, expected)

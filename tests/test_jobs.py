@@ -5,7 +5,7 @@ import pytest, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_kit.core import byte_tokenizer, tiny_llama
-from lora_kit.finetune import load_adapted
+from lora_kit.qlora import open_adapter
 from lora_kit.tiny import generate
 from lora_kit.inject import add_lora, save_adapter
 
@@ -33,7 +33,7 @@ def adapter(tmp_path_factory):
 def test_generate_prints_the_adapted_models_greedy_text(adapter):
     r = lora_kit("generate", "--adapter", adapter, "--prompt", PROMPT, "--max-new-tokens", 12)
     assert r.returncode == 0, r.stderr
-    model, tok = load_adapted(adapter)
+    model, tok, _ = open_adapter(adapter)
     base = AutoModelForCausalLM.from_pretrained(adapter.parent / "base")
     expected = generate(model, tok, [PROMPT], 12)[0]
     assert r.stdout.strip() == expected and expected != generate(base, tok, [PROMPT], 12)[0]
@@ -44,7 +44,7 @@ def test_merge_writes_a_plain_checkpoint_with_the_same_generations(adapter, tmp_
     assert r.returncode == 0, r.stderr
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
-    model, tok = load_adapted(adapter)
+    model, tok, _ = open_adapter(adapter)
     ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad(): assert (merged(ids).logits - model(ids).logits).abs().max() < 1e-5
     assert generate(merged, AutoTokenizer.from_pretrained(tmp_path / "merged"), [PROMPT], 12) == generate(model, tok, [PROMPT], 12)
@@ -76,7 +76,7 @@ def test_finetune_output_folder_loads_in_peft_and_has_the_metrics(tmp_path):
     assert len(metrics["samples"]) >= 10 and set(metrics["samples"][0]) == {"prompt_text", "expected", "generated"}
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     theirs = AutoPeftModelForCausalLM.from_pretrained(tmp_path)  # offline: the base is named by its local path
-    ours, tok = load_adapted(tmp_path)
+    ours, tok, _ = open_adapter(tmp_path)
     ids = tok(metrics["samples"][0]["prompt_text"], return_tensors="pt", add_special_tokens=False)["input_ids"]
     # the same weights through two loaders: compared in float64, where no reduction order moves the logits of a
     # trained base (|logit| ~ 15) by more than rounding (fp32 differed by up to ~1e-5 between CPUs, as in test_variants)

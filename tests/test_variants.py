@@ -301,8 +301,8 @@ def test_finetune_cli_trains_a_variant_whose_adapter_peft_loads(flags, tmp_path)
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     config = json.loads((out / "adapter_config.json").read_text())
-    from lora_kit.finetune import load_adapted, load_base
-    ours, _ = load_adapted(out)
+    from lora_kit.qlora import load_base, open_adapter
+    ours, _, _ = open_adapter(out)
     base, _ = load_base("tiny")
     theirs = PeftModel.from_pretrained(base, out)
     # identical weights compared in float64: fp32 kernels may round two equal models apart by 1e-5 on the rebuilt base

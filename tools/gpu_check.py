@@ -11,8 +11,9 @@ each (so a run cut short still leaves one):
 (b) `estimates`: `default_compute_dtype` and `lora_kit.accounting.estimate` for each row of (c);
 (c) `training`: LLaMA-2-7B with random weights, built in bf16 on the GPU and written once (the time measured) to
     memory-backed /dev/shm where it fits, else the temporary folder; NF4 QLoRA and bf16 LoRA, all linear layers at
-    r=16, 512 tokens × batch 4, for lora_kit and for peft + bitsandbytes: tokens per second over the timed steps and
-    `torch.cuda.max_memory_allocated` against the estimate;
+    r=16, 512 tokens × batch 4, for lora_kit and for peft + bitsandbytes, and full fine-tuning in bf16 (the study's
+    comparison of lesson 18 at 7B shapes): tokens per second over the timed steps and `torch.cuda.max_memory_allocated`
+    against the estimate;
 (d) `paths`: issue 18's comparison, `lora_kit.bench.run_bench` on the fp32, autocast and qlora paths, lora_kit's
     lean layer + chunked loss against peft (4 blocks of LLaMA-2-7B's width, one interleaved run);
 (e) `cuda_lessons`: the lessons whose `#| cuda` cells need no download, run with execnb as `nbdev-test` runs them.
@@ -36,7 +37,7 @@ CUDA_LESSONS = ("nbs/00_core.ipynb", "nbs/04_accounting.ipynb")  # their `#| cud
 RANK, ALPHA, DROPOUT = 16, 32, 0.05
 # Seconds each phase is expected to take: (on the H200, on a 2-core CPU dry run). The CPU ones are the rehearsal's
 # measured times (README, "On a GPU"); the GPU ones are estimates until a lent machine has run the check.
-EXPECTED_SECONDS = dict(environment=(5, 1), estimates=(5, 2), training=(300, 10), paths=(150, 10), cuda_lessons=(150, 60))
+EXPECTED_SECONDS = dict(environment=(5, 1), estimates=(5, 2), training=(360, 12), paths=(150, 10), cuda_lessons=(150, 60))
 VERSIONS_OF = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors", "tokenizers",
                "numpy", "execnb", "fastcore")
 
@@ -100,6 +101,14 @@ def lora_kit_model(folder: Path, four_bit: bool, dtype):
     model, _ = load_base(str(folder), four_bit=four_bit, dtype=dtype)
     add_lora(model, "all-linear", r=RANK, alpha=ALPHA, dropout=DROPOUT)
     return use_efficient_layers(model), chunked_loss
+
+
+def full_model(folder: Path, four_bit: bool, dtype):
+    "Full fine-tuning, the study's baseline: `load_base` with every weight trainable (AdamW's states in the weights' dtype)."
+    from lora_kit.bench import chunked_loss
+    from lora_kit.finetune import load_base
+    model, _ = load_base(str(folder), dtype=dtype)
+    return model.requires_grad_(True), chunked_loss
 
 
 def peft_model(folder: Path, four_bit: bool, dtype):
@@ -222,8 +231,14 @@ def phase_training(ctx: dict) -> dict:
         print(f"  random base built and written in {written['seconds']} s ({written['gib']} GiB, {written['where']})", flush=True)
         ids = torch.randint(0, config.vocab_size, (ctx["batch_size"], ctx["seq_len"]), device=device)
         for setup, method in ctx["setups"]:
-            for name, make in (("lora_kit", lora_kit_model), ("peft + bitsandbytes", peft_model)):
-                row = measure(make, folder, method == "qlora", dtype, ids, ctx["steps"])
+            makers = (("transformers", full_model),) if method == "full" else \
+                (("lora_kit", lora_kit_model), ("peft + bitsandbytes", peft_model))
+            for name, make in makers:
+                try: row = measure(make, folder, method == "qlora", dtype, ids, ctx["steps"])
+                except torch.cuda.OutOfMemoryError as e:  # full fine-tuning may not fit: the row says so, the rest still run
+                    rows.append(dict(setup=setup, implementation=name, error=f"out of memory: {str(e).splitlines()[0]}"))
+                    print(f"  {setup:10} {name:20} out of memory", flush=True); gc.collect(); torch.cuda.empty_cache()
+                    continue
                 est = ctx.get("estimate_bytes", {}).get(setup)
                 rows.append(dict(setup=setup, implementation=name, estimate_bytes=est, **row))
                 print(f"  {setup:10} {name:20} {row['tokens_per_second']:9.0f} tokens/s  peak {row['peak_bytes'] / 2**30:.2f} GiB"
@@ -311,6 +326,8 @@ def markdown(report: dict) -> str:
                   "| setup | implementation | tokens/s | s/step | peak GiB (max_memory_allocated) | estimate GiB | peak / estimate |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in train["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['setup']} | {r['implementation']} | {r['error']} | | | | |"); continue
             e = r["estimate_bytes"]
             against = f"{e / 2**30:.3g} | {r['peak_bytes'] / e:.2f}" if e else " | "  # no estimate when that phase was skipped
             lines.append(f"| {r['setup']} | {r['implementation']} | {r['tokens_per_second']:.0f} | {r['seconds_per_step']:.3f} | "
@@ -346,7 +363,8 @@ def main(argv=None) -> int:
     ctx = dict(on_gpu=on_gpu, device="cuda" if on_gpu else "cpu", bundle=bundle, seq_len=seq_len, batch_size=batch_size,
                dtype=torch.bfloat16 if on_gpu else torch.float32,  # the CPU dry run trains in fp32, as lora_kit does on a CPU
                steps=args.steps or (20 if on_gpu else 2), config=base_config(on_gpu),
-               setups=(("NF4 QLoRA", "qlora"), ("bf16 LoRA" if on_gpu else "fp32 LoRA", "lora")))
+               setups=(("NF4 QLoRA", "qlora"), ("bf16 LoRA" if on_gpu else "fp32 LoRA", "lora"),
+                       ("bf16 full" if on_gpu else "fp32 full", "full")))  # the study's three, full fine-tuning last (most memory)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     ctx["report"] = dict(device=torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})",
                          dry_run=not on_gpu, seq_len=seq_len, batch_size=batch_size, steps=ctx["steps"], budget=args.budget,
