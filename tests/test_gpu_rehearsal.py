@@ -29,4 +29,4 @@ def test_gpu_check_runs_offline_from_the_bundle_on_a_stand_in_of_the_gpu_machine
     assert env["versions"]["transformers"] == "5.17.0" and env["versions"]["accelerate"] == "1.15.0"  # the machine's
     assert sorted(env["bundle"]["installed"]) == sorted(w["file"] for w in manifest["wheels"])  # all offline, from it
     assert report["phases"]["cuda_lessons"]["result"] == {"nbs/00_core.ipynb": "passed", "nbs/04_accounting.ipynb": "passed"}
-    assert len(report["phases"]["training"]["result"]["rows"]) == 4 and len(report["phases"]["paths"]["result"]["rows"]) == 6
+    assert len(report["phases"]["training"]["result"]["rows"]) == 5 and len(report["phases"]["paths"]["result"]["rows"]) == 6
