@@ -130,14 +130,14 @@ def quant_state_bytes(model) -> int:
 
 def memory_split(trainee:Trainee) -> dict[str, int]:
     "Bytes of one training step by what holds them: weights, gradients, optimizer state, saved activations; and the measured peak."
-    model = trainee.model
-    weights = _storage_bytes([*model.parameters(), *model.buffers()]) + quant_state_bytes(model)
+    model, constants = trainee.model, quant_state_bytes(trainee.model)  # held throughout, outside `Trainee.state_bytes`
+    weights = _storage_bytes([*model.parameters(), *model.buffers()]) + constants
     trainee.loss().backward()
     gradients = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
     trainee.optimizer.step(); trainee.optimizer.zero_grad(set_to_none=True)
     optimizer = _storage_bytes(t for s in trainee.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
     return dict(weights=weights, gradients=gradients, optimizer=optimizer, activations=saved_activation_bytes(trainee),
-                peak=peak_step_bytes(trainee) + quant_state_bytes(model))
+                peak=peak_step_bytes(trainee) + constants)
 
 def study_costs(methods=tuple(STUDY_METHODS), # names in `STUDY_METHODS`
                 repeats:int=5, # interleaved timing rounds
