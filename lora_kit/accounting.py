@@ -8,11 +8,11 @@ Docs: https://lora-kit.github.io/lora_kit/accounting.html.md"""
 __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'LINEAR_INPUT', 'QUANT_BLOCK', 'DTYPE_BYTES', 'PRECISIONS',
            'ADAPTER_BYTES', 'OPTIMIZERS', 'ADAM8_BLOCK', 'ADAM8_MIN_SIZE', 'ADAM8_CODE', 'ATTENTION', 'GPUS',
            'GPU_RESERVE', 'MEMORY_KINDS', 'GIB', 'ModelShape', 'load_config', 'head_dim', 'block_linears',
-           'resolve_targets', 'adapter_params', 'param_counts', 'counted_flops', 'counted_step_flops', 'grad_flow',
-           'block_flops', 'train_flops', 'dequant_flops', 'inference_flops', 'precision_bytes', 'quantized_bytes',
-           'weight_bytes', 'gradient_bytes', 'trainable_tensors', 'optimizer_bytes', 'block_saved_bytes',
-           'loss_saved_bytes', 'saved_bytes', 'memory_bytes', 'dora_extras', 'fits', 'estimate', 'fit_table',
-           'plot_memory', 'dashboard_data']
+           'resolve_targets', 'adapter_params', 'param_counts', 'inplace_addmm_flops', 'counted_flops',
+           'counted_step_flops', 'grad_flow', 'block_flops', 'train_flops', 'dequant_flops', 'inference_flops',
+           'precision_bytes', 'quantized_bytes', 'weight_bytes', 'gradient_bytes', 'trainable_tensors',
+           'optimizer_bytes', 'block_saved_bytes', 'loss_saved_bytes', 'saved_bytes', 'memory_bytes', 'dora_extras',
+           'fits', 'estimate', 'fit_table', 'plot_memory', 'dashboard_data']
 
 # %% ../nbs/04_accounting.ipynb #1fd5019f
 import json, math
@@ -107,11 +107,16 @@ def param_counts(config:ModelShape,
     return dict(total=base + adapters, trainable=adapters)
 
 # %% ../nbs/04_accounting.ipynb #3edfb5fa
+def inplace_addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    "FLOPs of the in-place `addmm_`, which PyTorch's counter has no formula for: those of the product it adds."
+    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+
 def counted_flops(run, # a function that runs a model once (on the meta device: no memory, no time)
                  ) -> int:
-    "FLOPs PyTorch's counter sees while `run()` runs, less RoPE's angles (see above)."
+    "FLOPs PyTorch's counter sees while `run()` runs (in-place `addmm_` included), less RoPE's angles (see above)."
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter: run()
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: inplace_addmm_flops}) as counter: run()
     rope = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith(".rotary_emb"))
     return counter.get_total_flops() - rope
 

@@ -1,4 +1,4 @@
-"""One process, one model size, every method interleaved and repeated: step time, peak memory, saved activations and FLOPs per training step for full fine-tuning, peft's LoRA, `LoRALinear` and `EfficientLoRALinear` with the chunked loss, in fp32, under bf16/fp16 autocast and on a 4-bit NF4 base; and merged vs unmerged inference latency against the base model.
+"""One process, one model size, every method interleaved and repeated: step time, peak memory, saved activations and FLOPs per training step for full fine-tuning, peft's LoRA, `LoRALinear` on its plain path and on its lean default path with the chunked loss, in fp32, under bf16/fp16 autocast and on a 4-bit NF4 base; and merged vs unmerged inference latency against the base model.
 
 Docs: https://lora-kit.github.io/lora_kit/bench.html.md"""
 
@@ -23,8 +23,7 @@ from torch.profiler import profile, ProfilerActivity
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 from .core import ConfigError, LoraKitError, atomic_write, count_params, tiny_llama_config, number_type
-from .layers import LoRALinear
-from .efficient import EfficientLoRALinear, use_efficient_layers, SavedTensorLog, causal_lm_loss, count_flops
+from .efficient import SavedTensorLog, causal_lm_loss, count_flops
 from .inject import add_lora, merge_lora
 from .data import collate, demo_path, load_instructions, tokenize_dataset
 from .train import TrainConfig
@@ -51,8 +50,8 @@ def _full(model, r, alpha, dropout): return model.requires_grad_(True)
 def _peft(model, r, alpha, dropout):
     from peft import LoraConfig, get_peft_model  # imported when benchmarked: peft's import is slow and noisy
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear"))
-def _lora_kit(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout, layer_cls=LoRALinear)
-def _efficient(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout, layer_cls=EfficientLoRALinear)
+def _lora_kit(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout, backward="plain")
+def _efficient(model, r, alpha, dropout): return add_lora(model, "all-linear", r=r, alpha=alpha, dropout=dropout)  # the lean path, the default
 
 METHODS = {  # name: (make the model trainable, loss)
     "full": (_full, hf_loss), "full+chunked": (_full, chunked_loss),
@@ -347,12 +346,11 @@ def plot_paths(result:dict, # `run_bench(...)` with peft and `lora_kit` and/or e
 def demo_trainee(rank:int, # LoRA rank
                  targets=DEMO_TARGETS, batch_size:int=16, seed:int=0,
                  **options) -> Trainee: # `add_lora` settings, e.g. `use_dora=True`
-    "The tiny base with rank-`rank` adapters (alpha = 2r, the training job's layers) on `targets`, on a batch of the demo task's first examples."
+    "The tiny base with rank-`rank` adapters (alpha = 2r, on the lean path where it applies, as the training job trains) on `targets`, on a batch of the demo task's first examples."
     model, tokenizer = load_base("tiny")
     rows = tokenize_dataset(load_instructions(demo_path("train")).select(range(batch_size)), tokenizer).to_list()
     torch.manual_seed(seed)
     add_lora(model, targets, r=rank, alpha=2 * rank, **options)
-    if not options.get("use_dora"): use_efficient_layers(model)  # DoRA layers train with their own forward (lesson 07)
     return Trainee(model, chunked_loss, collate(rows, tokenizer.pad_token_id)["input_ids"])
 
 # %% ../nbs/15_bench.ipynb #653a6116
@@ -425,8 +423,7 @@ def variant_sweep(variants=tuple(VARIANTS), # names in `VARIANTS`
     rows, runs = [], [(v, s) for s in seeds for v in variants]
     for name, seed in tqdm(runs, desc="variant sweep"):
         fields, train_fields = _split(VARIANTS[name])
-        train_config = replace(config, seed=seed, **train_fields,  # DoRA layers train with their own forward (lesson 07):
-                               efficient_layers=config.efficient_layers and not fields.get("use_dora"))  # no lean layer
+        train_config = replace(config, seed=seed, **train_fields)  # DoRA trains on the plain path by itself (lesson 07)
         with tempfile.TemporaryDirectory() as out:
             m = finetune(output=out, train=train_config, eval_examples=eval_examples, **fields)
         peak = next((r["peak_step_bytes"] for r in rows if r["variant"] == name), None) or \

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .core import ConfigError, atomic_write, count_params
 from .data import collate, demo_path, load_instructions, prompt_and_reference, tokenize_dataset
 from .inject import add_lora, remove_lora
-from .efficient import use_efficient_layers, count_flops
+from .efficient import count_flops
 from .tiny import exact_match
 from .train import TrainConfig, train
 from .qlora import DEMO_ADAPTER, load_base, open_adapter
@@ -56,8 +56,7 @@ def quality_run(method:str, # a name in `STUDY_METHODS`
                 eval_examples:int=200, # held-out prompts for eval loss and exact match
                ) -> dict:
     "One fine-tune of the demo task by `method` in a throw-away folder: eval loss, exact match, trainable parameters, checkpoint bytes."
-    efficient = config.efficient_layers and not STUDY_METHODS[method].get("use_dora")  # DoRA trains on its own forward (lesson 07)
-    settings = FinetuneConfig(train=replace(config, seed=seed, efficient_layers=efficient), eval_examples=eval_examples,
+    settings = FinetuneConfig(train=replace(config, seed=seed), eval_examples=eval_examples,
                               **STUDY_METHODS[method])
     with tempfile.TemporaryDirectory() as out:
         m = full_finetune(settings, out) if method == "full" else finetune(settings, output=out)
@@ -116,7 +115,6 @@ def study_trainee(method:str, # a name in `STUDY_METHODS`
     if method == "full": model.requires_grad_(True)
     else:
         add_lora(model, DEMO_TARGETS, r=DEMO_RANK, alpha=DEMO_ALPHA, use_dora=fields.get("use_dora", False))
-        if not fields.get("use_dora"): use_efficient_layers(model)  # the layers `train` uses
     return Trainee(model, chunked_loss, collate(rows, tokenizer.pad_token_id)["input_ids"])
 
 def _storage_bytes(tensors) -> int:

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from .core import (ConfigError, LoraKitError, WriteError, atomic_folder, count_params, partial_folder, write_error,
                            write_failure)
 from .data import collate
-from .efficient import chunked_cross_entropy, use_efficient_layers
-from .inject import CONFIG_NAME, adapter_layers, save_adapter, load_adapter_weights
+from .efficient import chunked_cross_entropy
+from .inject import CONFIG_NAME, active_adapters, adapter_layers, save_adapter, load_adapter_weights, set_backward
 
 # %% ../nbs/10_train.ipynb #91fa55d2
 def language_model(model:nn.Module) -> nn.Module:
@@ -107,7 +107,7 @@ class TrainConfig:
     max_grad_norm:float=1.0 # gradient clipping
     precision:str="no" # "no" (fp32), "bf16" or "fp16" (fp16 needs a GPU)
     grad_checkpointing:bool=False # recompute activations in backward: less memory, ~40% more FLOPs for LoRA (measured below)
-    efficient_layers:bool=True # train plain `LoRALinear` layers as lesson 06's `EfficientLoRALinear` (less memory)
+    efficient_layers:bool=True # adapter layers train on lesson 06's lean path (less memory); False: plain autograd
     eval_every:int=0 # evaluate every N steps (0: only at the end)
     save_every:int=0 # checkpoint every N steps (0: never)
     seed:int=0
@@ -146,10 +146,9 @@ def adapter_settings(model) -> dict:
     "What the adapters of `model` were asked for (PiSSA's r, not the 2r it saves), under peft's names, and the adapted modules."
     layers = adapter_layers(language_model(model))
     if not layers: return {}
-    layer = next(iter(layers.values()))
-    return dict(r=layer.r, lora_alpha=layer.alpha, lora_dropout=getattr(layer.dropout, "p", 0.0), use_rslora=layer.use_rslora,
-                use_dora=bool(layer.variant.get("use_dora", False)), init_lora_weights=layer.init_lora_weights,
-                target_modules=sorted(layers))
+    name = active_adapters(language_model(model))[0]  # the adapter that trains
+    settings = next(layer.settings[name] for layer in layers.values() if name in layer.settings)
+    return dict(use_dora=False) | settings | dict(target_modules=sorted(n for n, layer in layers.items() if name in layer.settings))
 
 def base_name(model, base_model_name_or_path:str|None=None) -> str|None:
     "The base's name or path: the one given, else the model's own `name_or_path` (None for a model built from a config)."
@@ -220,7 +219,7 @@ def checkpoint_differences(path:str|Path, # a checkpoint folder
         recorded, asked, recorded_base = record["adapter"], adapter_settings(model), record.get("base_model_name_or_path")
         same_targets = lambda a, b: sorted(a) == sorted(b) if not isinstance(a, str) and not isinstance(b, str) else a == b
     else:  # a checkpoint from before run settings were recorded: its adapter config, against what this model would save
-        recorded, asked = json.loads((path / CONFIG_NAME).read_text()), dict(language_model(model).lora_config)
+        recorded, asked = json.loads((path / CONFIG_NAME).read_text()), dict(language_model(model).lora_configs[active_adapters(language_model(model))[0]])
         recorded_base = recorded.get("base_model_name_or_path")
         same_targets = lambda a, b: set(_suffixes(a)) == set(_suffixes(b)) if not isinstance(a, str) and not isinstance(b, str) else a == b
     found = []
@@ -363,14 +362,14 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
           metric_fn=None, # model -> dict of task metrics, run at each evaluation
           base_model_name_or_path:str|None=None, # the base's name, recorded in checkpoints and checked on resume; default: the model's
          ) -> dict:
-    "Train the trainable parameters of `model` (its plain LoRA layers become efficient ones); returns metrics and history."
+    "Train the trainable parameters of `model` (its adapter layers on the lean path unless told otherwise); returns metrics and history."
     if not train_examples: raise LoraKitError("train_examples is empty: nothing to train on.")
     set_seed(config.seed)
     if config.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision='fp16' needs a GPU; use 'bf16' or 'no' on a CPU.")
     accelerator = Accelerator(mixed_precision=config.precision, cpu=not torch.cuda.is_available())
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
-    if config.efficient_layers: use_efficient_layers(model)
+    set_backward(model, "lean" if config.efficient_layers else "plain")
     if config.grad_checkpointing: enable_gradient_checkpointing(model)
     groups = optimizer_groups(model, config.lr, config.loraplus_lr_ratio)
     if not groups: raise LoraKitError("The model has no trainable parameters: call lora_kit.inject.add_lora first.")

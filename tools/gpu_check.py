@@ -93,14 +93,13 @@ def save_random_base(config, folder: Path, device: str) -> Path:
 
 
 def lora_kit_model(folder: Path, four_bit: bool, dtype):
-    "lora_kit's path: `load_base`, adapters on every linear layer, its efficient layers and chunked loss."
+    "lora_kit's path: `load_base`, adapters on every linear layer (on their default lean path) and the chunked loss."
     from lora_kit.bench import chunked_loss
-    from lora_kit.efficient import use_efficient_layers
     from lora_kit.finetune import load_base
     from lora_kit.inject import add_lora
     model, _ = load_base(str(folder), four_bit=four_bit, dtype=dtype)
     add_lora(model, "all-linear", r=RANK, alpha=ALPHA, dropout=DROPOUT)
-    return use_efficient_layers(model), chunked_loss
+    return model, chunked_loss
 
 
 def full_model(folder: Path, four_bit: bool, dtype):
