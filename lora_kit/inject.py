@@ -20,7 +20,7 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from .core import ConfigError, LoraKitError, MissingFileError, atomic_write, count_params
-from .layers import LoRALinear, config_settings, init_for, BACKWARDS
+from .layers import VARIANTS, LoRALinear, config_settings, init_for
 
 # %% ../nbs/03_inject.ipynb #3c280590
 ALL_LINEAR = "all-linear"
@@ -76,10 +76,11 @@ UNSUPPORTED = ("lora_bias", "fan_in_fan_out", "modules_to_save", "layers_to_tran
                "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters", "trainable_token_indices")
 
 def unsupported(config:dict) -> list[str]:
-    "The fields of a peft LoRA `config` that lora_kit does not implement (an unknown init among them)."
+    "The fields of a peft LoRA `config` that lora_kit does not implement: no variant for them, or an unknown init."
+    found = [k for k in UNSUPPORTED if config.get(k) and k not in VARIANTS]
     try: init_for(config.get("init_lora_weights", True))
-    except ConfigError: return [k for k in UNSUPPORTED if config.get(k)] + ["init_lora_weights"]
-    return [k for k in UNSUPPORTED if config.get(k)]
+    except ConfigError: found.append("init_lora_weights")
+    return found
 
 def _add_adapters(model:nn.Module, config:dict, adapter_name:str="default", layer_cls=None, **options) -> nn.Module:
     """Add adapter `adapter_name` as the peft `config` says to the modules `config['target_modules']` selects: a new
@@ -87,6 +88,7 @@ def _add_adapters(model:nn.Module, config:dict, adapter_name:str="default", laye
     if adapter_name in getattr(model, "lora_configs", {}):
         raise ConfigError(f"This model has an adapter named {adapter_name!r} already: choose another adapter_name, "
                           "or delete_adapter(model, name) first.")
+    init_for(config.get("init_lora_weights", True))  # an unknown init: its own error, with the names there are
     if missing := unsupported(config):
         raise ConfigError(f"{', '.join(f'{k}={config[k]!r}' for k in missing)}: lora_kit does not implement "
                           f"{'it' if len(missing) == 1 else 'them'}; load such an adapter with peft.")
@@ -105,7 +107,7 @@ def _add_adapters(model:nn.Module, config:dict, adapter_name:str="default", laye
     if not hasattr(model, "lora_configs"): model.requires_grad_(False)
     active = getattr(model, "lora_active", [adapter_name])  # the first adapter is the active one; later ones join inactive
     for name, layer in layers.items(): _replace(model, name, layer)
-    for layer in adapter_layers(model).values(): layer.set_adapter([n for n in active if n in layer.lora_A])
+    for layer in adapter_layers(model).values(): layer.set_adapter([n for n in active if n in layer.adapter_names])
     saved_targets = names if target_modules == ALL_LINEAR else (
         target_modules if isinstance(target_modules, str) else sorted(target_modules))
     model.lora_active, model.lora_configs = active, getattr(model, "lora_configs", {}) | {
@@ -124,10 +126,11 @@ def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
              autocast_adapter_dtype:bool=True, # fp32 adapters on a bf16/fp16 base (as peft); False: the base's dtype
              adapter_name:str="default", # a model may hold several adapters; the first one added is the active one
              backward:str="lean", # new layers train with lesson 06's lean autograd function, or "plain" autograd
+             **variant_fields, # peft config fields of variants added to `lora_kit.layers.VARIANTS`, e.g. lora_bias=True
             ) -> nn.Module:
     "Freeze `model` and wrap each target `nn.Linear` in a LoRA adapter layer (or add adapter `adapter_name` to it); returns `model`."
     config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, target_modules=target_modules,
-                  init_lora_weights=init_lora_weights, **({"use_dora": True} if use_dora else {}))
+                  init_lora_weights=init_lora_weights, **({"use_dora": True} if use_dora else {}), **variant_fields)
     return _add_adapters(model, config, adapter_name, layer_cls, backward=backward, autocast_adapter_dtype=autocast_adapter_dtype)
 
 # %% ../nbs/03_inject.ipynb #eb3b8527
@@ -179,7 +182,7 @@ def set_adapter(model:nn.Module, names:str|list[str]) -> nn.Module:
     wanted = [names] if isinstance(names, str) else list(names)
     if unknown := [n for n in wanted if n not in adapter_names(model)]:
         raise ConfigError(f"No adapter named {unknown[0]!r}; this model has {', '.join(map(repr, adapter_names(model))) or 'none'}.")
-    for layer in adapter_layers(model).values(): layer.set_adapter([n for n in wanted if n in layer.lora_A])
+    for layer in adapter_layers(model).values(): layer.set_adapter([n for n in wanted if n in layer.adapter_names])
     model.lora_active = wanted
     return model
 
@@ -187,8 +190,8 @@ def delete_adapter(model:nn.Module, name:str) -> nn.Module:
     "Remove adapter `name` from every layer; a layer left with none becomes its base layer again."
     if name not in adapter_names(model): raise ConfigError(f"No adapter named {name!r}; this model has {', '.join(map(repr, adapter_names(model)))}.")
     for qualified, layer in adapter_layers(model).items():
-        if name not in layer.lora_A: continue
-        if len(layer.lora_A) == 1: _replace(model, qualified, layer.unwrap(merge=False))
+        if name not in layer.adapter_names: continue
+        if len(layer.adapter_names) == 1: _replace(model, qualified, layer.unwrap(merge=False))
         else: layer.delete_adapter(name)
     del model.lora_configs[name]
     if not model.lora_configs:
@@ -218,7 +221,7 @@ class AdapterError(LoraKitError):
 def adapter_state_dict(model:nn.Module, adapter_name:str="default") -> dict[str, torch.Tensor]:
     "Adapter `adapter_name`'s weights in `model` under peft's key names (which carry no adapter name)."
     return {f"{PEFT_PREFIX}{name}.{key}": tensor.contiguous() for name, layer in adapter_layers(model).items()
-            if adapter_name in layer.lora_A for key, tensor in layer.adapter_state_dict(adapter_name).items()}
+            if adapter_name in layer.adapter_names for key, tensor in layer.adapter_state_dict(adapter_name).items()}
 
 # %% ../nbs/03_inject.ipynb #9e44ead6
 def save_adapter(model:nn.Module, # a model with LoRA adapters (from `add_lora` or `load_adapter`)
@@ -285,7 +288,7 @@ def _check_keys(expected:dict[str, torch.Tensor], found:dict[str, torch.Tensor],
 
 # %% ../nbs/03_inject.ipynb #40d80aa5
 def _copy_weights(model:nn.Module, weights:dict[str, torch.Tensor], path, adapter_name:str="default") -> nn.Module:
-    weights, layers = dict(weights), {n: l for n, l in adapter_layers(model).items() if adapter_name in l.lora_A}
+    weights, layers = dict(weights), {n: l for n, l in adapter_layers(model).items() if adapter_name in l.adapter_names}
     for name, layer in layers.items():  # each layer reads its own keys (an adapter with a start may store another form)
         prefix = f"{PEFT_PREFIX}{name}."
         own = {key.removeprefix(prefix): weights.pop(key) for key in list(weights) if key.startswith(prefix)}

@@ -113,13 +113,23 @@ class PlainLoRA:
         "The parameters LoRA+ trains at `loraplus_lr_ratio` times the learning rate: B."
         return [layer.lora_B[name].weight]
 
-VARIANTS = {False: PlainLoRA, True: "lora_kit.variants:DoRA"}  # use_dora -> the variant class
+    def state_dict(self, layer, name:str) -> dict[str, torch.Tensor]:
+        "The adapter's weights keyed as in peft's files, relative to the adapted module."
+        return {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
+
+    def load_state(self, layer, name:str, tensors:dict[str, torch.Tensor]):
+        "Copy `tensors` (keys as `state_dict` gives them) into the adapter's weights."
+        layer.lora_A[name].weight.copy_(tensors["lora_A.weight"]); layer.lora_B[name].weight.copy_(tensors["lora_B.weight"])
+
+VARIANTS = {"use_dora": "lora_kit.variants:DoRA"}  # a peft config field that, set, selects a variant class; none: PlainLoRA
 BACKWARDS = ("lean", "plain")  # lean: lesson 06's `lean_forward` where it applies; plain: autograd through `forward`
 LEAN_FORWARD = "lora_kit.efficient:lean_forward"
 
-def variant_for(use_dora:bool):
-    "A new variant object for peft's `use_dora` setting."
-    return resolve(VARIANTS[bool(use_dora)])()
+def variant_for(settings:dict):
+    "A new variant object for the peft config fields in `settings` (`use_dora`, ...): the one field set selects it."
+    chosen = [field for field in VARIANTS if settings.get(field)]
+    if len(chosen) > 1: raise ConfigError(f"No variant implements {' and '.join(chosen)} together; choose one of them.")
+    return resolve(VARIANTS[chosen[0]])() if chosen else PlainLoRA()
 
 # %% ../nbs/02_layers.ipynb #be1ad626
 class Start(nn.Module):
@@ -134,7 +144,7 @@ def config_settings(config:dict) -> dict:
     "The `add_adapter` arguments a peft LoRA config (a dict) sets."
     return dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                 use_rslora=config.get("use_rslora", False), init_lora_weights=config.get("init_lora_weights", True),
-                use_dora=bool(config.get("use_dora", False)))
+                **{field: True for field in VARIANTS if config.get(field)})
 
 # %% ../nbs/02_layers.ipynb #08c606b4
 class LoRALinear(nn.Module):
@@ -162,6 +172,7 @@ class LoRALinear(nn.Module):
                  adapter_name:str="default", # the first adapter's name
                  backward:str="lean", # "lean" (lesson 06's autograd function where it applies) or "plain"
                  autocast_adapter_dtype:bool=True, # fp32 adapters on a bf16/fp16 base (as peft); False: the base's dtype
+                 **variant_fields, # other `VARIANTS` fields set to True, e.g. a variant of your own
                 ):
         super().__init__()
         self.base = frozen_base(base)
@@ -171,7 +182,8 @@ class LoRALinear(nn.Module):
         self.settings, self.scaling, self.variants, self.merge_state = {}, {}, {}, {}
         self.active_adapters, self.merged_adapters, self.enabled = [], [], True
         self.set_backward(backward)
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, use_dora, autocast_adapter_dtype)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, use_dora, autocast_adapter_dtype,
+                         **variant_fields)
 
     @property
     def in_features(self): return self.base.in_features
@@ -189,13 +201,17 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def add_adapter(self, name:str, r:int, alpha:float, dropout:float=0.0, use_rslora:bool=False,
-                    init_lora_weights:bool|str=True, use_dora:bool=False, autocast_adapter_dtype:bool=True):
+                    init_lora_weights:bool|str=True, use_dora:bool=False, autocast_adapter_dtype:bool=True,
+                    **variant_fields): # other `VARIANTS` fields, e.g. a variant of your own
         "Add adapter `name` with peft's settings, initialised by its init function; the first adapter becomes the active one."
         if not isinstance(name, str) or not name or "." in name or name in self.lora_A:
             raise ConfigError(f"adapter name {name!r}: " + ("this layer has an adapter of that name already; delete it first "
                               "or choose another name." if name in self.lora_A else "use a non-empty string without '.'."))
         check_lora_args(r, alpha, dropout, self.in_features, self.out_features)
-        init, variant = init_for(init_lora_weights), variant_for(use_dora)
+        if unknown := sorted(set(variant_fields) - set(VARIANTS)):
+            raise ConfigError(f"{', '.join(unknown)}: no variant in VARIANTS ({', '.join(VARIANTS)}) is selected by it.")
+        flags = {field: True for field, on in dict(variant_fields, use_dora=use_dora).items() if on}
+        init, variant = init_for(init_lora_weights), variant_for(flags)
         w = self.base.weight
         upcast = not w.dtype.is_floating_point or (autocast_adapter_dtype and w.dtype in (torch.float16, torch.bfloat16))
         dtype = torch.float32 if upcast else w.dtype  # quantized bases, and 16-bit ones by default, get fp32 adapters
@@ -204,7 +220,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name], self.variants[name] = lora_scale(alpha, r, use_rslora), variant
         self.settings[name] = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-                                   init_lora_weights=init_lora_weights) | ({"use_dora": True} if use_dora else {})
+                                   init_lora_weights=init_lora_weights) | flags
         try: init(self, name); variant.setup(self, name)
         except Exception:
             self.delete_adapter(name)
@@ -222,9 +238,9 @@ class LoRALinear(nn.Module):
             for p in self.adapter_parameters(n): p.requires_grad_(n in names)
 
     def adapter_parameters(self, name:str) -> list[nn.Parameter]:
-        "Adapter `name`'s own parameters: A, B and what its variant added."
-        return [self.lora_A[name].weight, self.lora_B[name].weight, *([self.lora_magnitude_vector[name]]
-                                                                        if name in self.lora_magnitude_vector else [])]
+        "Adapter `name`'s own parameters: A's, B's and what its variant added."
+        return [*self.lora_A[name].parameters(), *self.lora_B[name].parameters(),
+                *([self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else [])]
 
     @torch.no_grad()
     def delete_adapter(self, name:str):
@@ -322,8 +338,7 @@ class LoRALinear(nn.Module):
     def adapter_state_dict(self, name:str="default") -> dict[str, torch.Tensor]:
         """Adapter `name`'s weights (not the base's) keyed as in peft's files relative to the adapted module. With a start:
         A' = [A; A0] (2r×in) and B' = [B, -B0] (out×2r), so s·B'A' = s·BA - s·B0A0 is the change to the original W0."""
-        state = {"lora_A.weight": self.lora_A[name].weight.detach(), "lora_B.weight": self.lora_B[name].weight.detach()}
-        if name in self.lora_magnitude_vector: state["lora_magnitude_vector"] = self.lora_magnitude_vector[name].detach()
+        state = {key: tensor.detach() for key, tensor in self.variants[name].state_dict(self, name).items()}
         if start := self.lora_start[name] if name in self.lora_start else None:
             state |= {"lora_A.weight": torch.cat([state["lora_A.weight"], start.A]),
                       "lora_B.weight": torch.cat([state["lora_B.weight"], -start.B], dim=1)}
@@ -346,8 +361,7 @@ class LoRALinear(nn.Module):
             self.move_into_base(name, +1.0)
             self.move_into_base(name, -1.0, start=(A[r:], -B[:, r:]))
             A, B = A[:r], B[:, :r]
-        self.lora_A[name].weight.copy_(A); self.lora_B[name].weight.copy_(B)
-        if "lora_magnitude_vector" in tensors: self.lora_magnitude_vector[name].copy_(tensors["lora_magnitude_vector"])
+        self.variants[name].load_state(self, name, tensors | {"lora_A.weight": A, "lora_B.weight": B})
 
     def loraplus_parameters(self) -> list[nn.Parameter]:
         "The parameters LoRA+ trains at the higher learning rate, as each adapter's variant says (B for plain LoRA)."

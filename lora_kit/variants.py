@@ -67,6 +67,14 @@ class DoRA(PlainLoRA):
         "B and the magnitude learn at the LoRA+ rate (peft's LoRA+ puts 1-D adapter weights with B)."
         return [layer.lora_B[name].weight, layer.lora_magnitude_vector[name]]
 
+    def state_dict(self, layer, name:str) -> dict[str, torch.Tensor]:
+        "A and B, and the magnitude under peft's file key."
+        return super().state_dict(layer, name) | {"lora_magnitude_vector": layer.lora_magnitude_vector[name]}
+
+    def load_state(self, layer, name:str, tensors:dict[str, torch.Tensor]):
+        super().load_state(layer, name, tensors)
+        layer.lora_magnitude_vector[name].copy_(tensors["lora_magnitude_vector"])
+
 # %% ../nbs/07_variants.ipynb #4da2ade6
 def pissa_niter(init_lora_weights:str) -> int|None:
     "Subspace iterations of a `pissa_niter_K` setting, None for the exact `pissa`; `ConfigError` for anything else."

@@ -12,8 +12,9 @@ from lora_kit.bench import (PATHS, TINY_MODEL, Trainee, bench_batch, bench_check
                             path_summary, run_bench, saved_activation_bytes)
 from lora_kit.cli import main
 from lora_kit.core import ConfigError
-from lora_kit.efficient import EfficientLoRALinear, SavedTensorLog
-from lora_kit.inject import adapter_layers
+from lora_kit.efficient import SavedTensorLog
+from lora_kit.inject import adapter_layers, plain_path_reasons
+from lora_kit.layers import LoRALinear
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -117,7 +118,7 @@ def adapters(t):
     if hasattr(t.model, "peft_config"):
         return [(m.base_layer, m.lora_A["default"].weight, m.lora_B["default"].weight)
                 for m in t.model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
-    return [(m.base, m.lora_A.weight, m.lora_B.weight) for m in adapter_layers(t.model).values()]
+    return [(m.base, m.lora_A["default"].weight, m.lora_B["default"].weight) for m in adapter_layers(t.model).values()]
 
 
 @needs_bitsandbytes
@@ -134,7 +135,9 @@ def test_each_path_builds_the_model_it_names(checkpoint, method):
         for base, lora_A, lora_B in layers:
             assert type(base) is cls and base.weight.dtype == weight_dtype and not base.weight.requires_grad, (path, base)
             assert lora_A.dtype == lora_B.dtype == torch.float32 and lora_A.requires_grad  # adapters stay fp32 everywhere
-        if method == "efficient": assert {type(l) for l in adapter_layers(t.model).values()} == {EfficientLoRALinear}
+        if method != "peft":  # lora_kit's one layer: "lora_kit" on the plain path, "efficient" on the lean default path
+            assert {type(l) for l in adapter_layers(t.model).values()} == {LoRALinear}
+            assert plain_path_reasons(t.model) == ({} if method == "efficient" else {"backward='plain' was asked for": len(layers)})
         rest = {p.dtype for n, p in t.model.named_parameters() if "lora_" not in n and p.dtype.is_floating_point}
         assert rest == ({torch.float32} if path == "fp32" else {torch.bfloat16}), (path, rest)
         assert t.autocast == (None if path == "fp32" else torch.bfloat16)

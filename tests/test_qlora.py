@@ -82,35 +82,35 @@ def test_missing_bitsandbytes_is_the_kits_error_and_says_how_to_install():
 
 # --- lesson 06's lean layer on the 4-bit base -----------------------------------------------------------------------
 
-from lora_kit.efficient import BASE_WEIGHTS, EfficientLoRALinear, SavedTensorLog
-from lora_kit.inject import adapter_layers
-from lora_kit.layers import LoRALinear
-from lora_kit.qlora import dequantized_weight, require_bitsandbytes
+from lora_kit.efficient import SavedTensorLog
+from lora_kit.inject import adapter_layers, plain_path_reasons
+from lora_kit.layers import dense_weight
+from lora_kit.qlora import require_bitsandbytes
 from test_efficient import SameMaskDropout, worst_error  # the same mask draw and error measure as the fp16/bf16 tests
 
 IDS = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(0))
 
 
-def adapted(checkpoint, layer_cls, compute_dtype=torch.bfloat16, dropout=0.0):
+def adapted(checkpoint, backward, compute_dtype=torch.bfloat16, dropout=0.0):
     base = load_4bit(checkpoint, compute_dtype=compute_dtype)
     torch.manual_seed(0)
-    model = add_lora(base, "all-linear", r=8, alpha=16, dropout=dropout, layer_cls=layer_cls)
+    model = add_lora(base, "all-linear", r=8, alpha=16, dropout=dropout, backward=backward)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
-            layer.lora_B.weight.normal_(std=0.05)
-            if dropout and layer_cls is LoRALinear: layer.dropout = SameMaskDropout(dropout)
+            layer.lora_B["default"].weight.normal_(std=0.05)
+            if dropout and backward == "plain": layer.lora_dropout["default"] = SameMaskDropout(dropout)
     return model
 
 
 def dense_fp64(model, dropout):
-    "The same model in fp64 with plain layers on the dequantized 4-bit weights (independent of the custom backward)."
+    "The same model in fp64 with plain-path layers on the dequantized 4-bit weights (independent of the custom backward)."
     dense = add_lora(tiny_llama(num_attention_heads=4, num_key_value_heads=2).to(model.dtype), "all-linear", r=8, alpha=16,
-                     dropout=dropout).double()
+                     dropout=dropout, backward="plain").double()
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, layer in adapter_layers(model).items():
-            dense.get_submodule(name).base.weight.copy_(dequantized_weight(layer.base))
-            if dropout: dense.get_submodule(name).dropout = SameMaskDropout(dropout)
+            dense.get_submodule(name).base.weight.copy_(dense_weight(layer.base))
+            if dropout: dense.get_submodule(name).lora_dropout["default"] = SameMaskDropout(dropout)
         for name, p in dense.named_parameters():
             if p.requires_grad: p.copy_(params[name])
     return dense
@@ -129,10 +129,10 @@ def grads(model, amp_dtype, loss_scale=2**12):
 @pytest.mark.parametrize("compute_dtype,amp_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                                                      (torch.bfloat16, None)])
 def test_lean_layer_on_4bit_as_close_to_exact_gradients_as_the_plain_path(checkpoint, compute_dtype, amp_dtype, dropout):
-    plain = adapted(checkpoint, LoRALinear, compute_dtype, dropout)
+    plain = adapted(checkpoint, "plain", compute_dtype, dropout)
     exact = grads(dense_fp64(plain, dropout), None)
     plain_error = worst_error(grads(plain, amp_dtype), exact)
-    lean_error = worst_error(grads(adapted(checkpoint, EfficientLoRALinear, compute_dtype, dropout), amp_dtype), exact)
+    lean_error = worst_error(grads(adapted(checkpoint, "lean", compute_dtype, dropout), amp_dtype), exact)
     assert plain_error < 0.05, plain_error
     assert lean_error <= 1.25 * plain_error, (lean_error, plain_error)
 
@@ -142,8 +142,10 @@ def test_lean_layer_on_4bit_keeps_no_dequantized_weight_and_less_than_peft(check
     def saved(model):
         with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensorLog(model.train()) as log: model(input_ids=IDS, labels=IDS)
         return log
-    lean = adapted(checkpoint, EfficientLoRALinear, dropout=0.05)
-    assert all(type(layer.base).__name__ == "Linear4bit" and layer._fast_path() for layer in adapter_layers(lean).values())
+    lean = adapted(checkpoint, "lean", dropout=0.05)
+    assert all(type(layer.base).__name__ == "Linear4bit" and layer.plain_reason("default") is None
+               for layer in adapter_layers(lean).values())
+    assert plain_path_reasons(lean) == {}
     lean_log = saved(lean)
     shapes = {(layer.out_features, layer.in_features) for layer in adapter_layers(lean).values()}
     assert not [r for r in lean_log.unique(include_params=False) if r.shape in shapes]
@@ -153,15 +155,45 @@ def test_lean_layer_on_4bit_keeps_no_dequantized_weight_and_less_than_peft(check
 
 
 def test_lean_layer_on_4bit_with_checkpointing_gives_the_same_gradients(checkpoint):
-    ref = grads(adapted(checkpoint, EfficientLoRALinear, dropout=0.1), torch.bfloat16)
-    model = prepare_for_kbit_training(adapted(checkpoint, EfficientLoRALinear, dropout=0.1), gradient_checkpointing=True)
+    ref = grads(adapted(checkpoint, "lean", dropout=0.1), torch.bfloat16)
+    model = prepare_for_kbit_training(adapted(checkpoint, "lean", dropout=0.1), gradient_checkpointing=True)
     got = grads(model, torch.bfloat16)
     for name in ref: assert torch.allclose(got[name], ref[name], rtol=1e-3, atol=1e-9), name
 
 
-def test_require_bitsandbytes_registers_the_4bit_layer_for_the_lean_backward():
-    bnb = require_bitsandbytes()
-    assert BASE_WEIGHTS[bnb.nn.Linear4bit] is dequantized_weight
+DENSE_WEIGHT_WITHOUT_QLORA = """import sys, torch
+import bitsandbytes as bnb
+from bitsandbytes.functional import dequantize_4bit
+from lora_kit.layers import LoRALinear, dense_weight
+torch.manual_seed(0)
+base = bnb.nn.Linear4bit(64, 48, compute_dtype=torch.bfloat16, quant_type="nf4")
+base.load_state_dict(torch.nn.Linear(64, 48).state_dict())
+base = base.to("cpu")  # quantizes
+assert type(base.weight).__name__ == "Params4bit" and base.weight.quant_state is not None
+assert torch.equal(dense_weight(base), dequantize_4bit(base.weight.data, base.weight.quant_state))
+layer = LoRALinear(base, 4, 8)
+x = torch.randn(3, 64, requires_grad=True)
+out = layer(x.to(torch.bfloat16))
+print(layer.plain_reason("default"), type(out.grad_fn).__name__, "lora_kit.qlora" in sys.modules)
+"""
+
+
+def test_dense_weight_of_a_4bit_layer_is_bitsandbytes_dequantization_and_its_adapter_trains_lean(checkpoint):
+    bnb = require_bitsandbytes()  # still there: import bitsandbytes or say how to install it
+    from bitsandbytes.functional import dequantize_4bit
+    model = add_lora(load_4bit(checkpoint, compute_dtype=torch.bfloat16), "all-linear", r=8, alpha=16)  # default settings
+    layers = adapter_layers(model)
+    assert len(layers) == 2 * 7 and all(isinstance(layer.base, bnb.nn.Linear4bit) for layer in layers.values())
+    for name, layer in layers.items():
+        weight = layer.base.weight
+        assert torch.equal(dense_weight(layer.base), dequantize_4bit(weight.data, weight.quant_state)), name
+        assert dense_weight(layer.base).shape == (layer.out_features, layer.in_features), name
+        assert layer.plain_reason("default") is None, name  # the lean path
+    assert plain_path_reasons(model) == {}
+    # the same without lora_kit.qlora ever imported: a Linear4bit made by bitsandbytes itself, in a fresh interpreter
+    r = subprocess.run([sys.executable, "-c", DENSE_WEIGHT_WITHOUT_QLORA], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["None", "LoRAFunctionBackward", "False"], r.stdout
 
 
 # --- bitsandbytes' CPU inference repacking: evaluate, then train ----------------------------------------------------
@@ -196,10 +228,10 @@ def repacks(checkpoint):
     return model
 
 
-@pytest.mark.parametrize("layer_cls", [LoRALinear, EfficientLoRALinear])
-def test_an_evaluation_before_training_changes_no_gradient(checkpoint, repacks, layer_cls):
-    ref = grads(adapted(checkpoint, layer_cls, dropout=0.1), torch.bfloat16)
-    model = eval_pass(adapted(checkpoint, layer_cls, dropout=0.1))  # load_4bit keeps the standard layout
+@pytest.mark.parametrize("backward", ["plain", "lean"])
+def test_an_evaluation_before_training_changes_no_gradient(checkpoint, repacks, backward):
+    ref = grads(adapted(checkpoint, backward, dropout=0.1), torch.bfloat16)
+    model = eval_pass(adapted(checkpoint, backward, dropout=0.1))  # load_4bit keeps the standard layout
     assert not repacked_layers(model)
     got = grads(model, torch.bfloat16)
     for name in ref: assert torch.equal(got[name], ref[name]), name
@@ -207,11 +239,11 @@ def test_an_evaluation_before_training_changes_no_gradient(checkpoint, repacks, 
 
 def test_prepare_for_kbit_training_undoes_the_repacking_and_gradients_flow(checkpoint, repacks):
     reference = plainly_loaded(checkpoint)
-    weights = {n: dequantized_weight(m) for n, m in reference.named_modules() if type(m).__name__ == "Linear4bit"}
+    weights = {n: dense_weight(m) for n, m in reference.named_modules() if type(m).__name__ == "Linear4bit"}
     model = eval_pass(plainly_loaded(checkpoint))
     packed = repacked_layers(model)
-    for name in packed:  # dequantized_weight reads a repacked layer as its standard form (to bf16 rounding of scales)
-        got, want = dequantized_weight(model.get_submodule(name)).float(), weights[name].float()
+    for name in packed:  # dense_weight reads a repacked layer as its standard form (to bf16 rounding of scales)
+        got, want = dense_weight(model.get_submodule(name)).float(), weights[name].float()
         assert (got - want).norm() / want.norm() < 1e-2, name
     prepare_for_kbit_training(model)
     assert packed and not repacked_layers(eval_pass(model))
@@ -221,21 +253,22 @@ def test_prepare_for_kbit_training_undoes_the_repacking_and_gradients_flow(check
     assert x.grad is not None and (x.grad - want).norm() / want.norm() < 2e-2
 
 
-@pytest.mark.parametrize("layer_cls", [LoRALinear, EfficientLoRALinear])
+@pytest.mark.parametrize("backward", ["plain", "lean"])
 @pytest.mark.parametrize("evaluate_first", [True, False], ids=["evaluate-then-add_lora", "add_lora-then-evaluate"])
-def test_a_plainly_loaded_4bit_model_trains_after_an_evaluation(checkpoint, repacks, layer_cls, evaluate_first):
+def test_a_plainly_loaded_4bit_model_trains_after_an_evaluation(checkpoint, repacks, backward, evaluate_first):
     "peft's documented path: transformers loads the 4-bit model and the kit only adds adapters; no evaluation cuts a gradient."
     reference = plainly_loaded(checkpoint)  # never evaluated: the standard layout
     model = plainly_loaded(checkpoint)
     if evaluate_first: assert repacked_layers(eval_pass(model))
     torch.manual_seed(0)
-    add_lora(model, "all-linear", r=8, alpha=16, layer_cls=layer_cls)
+    add_lora(model, "all-linear", r=8, alpha=16, backward=backward)
     if not evaluate_first: eval_pass(model)
     assert not repacked_layers(model)
     layer = model.model.layers[0].self_attn.q_proj
-    with torch.no_grad(): layer.lora_B.weight.normal_(std=0.05)
+    assert layer.plain_reason("default") == (None if backward == "lean" else "backward='plain' was asked for")
+    with torch.no_grad(): layer.lora_B["default"].weight.normal_(std=0.05)
     x = torch.randn(2, 5, layer.in_features, requires_grad=True)
     layer.train()(x.to(torch.bfloat16)).float().sum().backward()
-    dense = dequantized_weight(reference.model.layers[0].self_attn.q_proj).double() + layer.delta_weight().double()
+    dense = dense_weight(reference.model.layers[0].self_attn.q_proj).double() + layer.delta_weight().double()
     want = torch.ones(2, 5, dense.shape[0], dtype=torch.float64) @ dense  # the dense twin's input gradient
     assert x.grad is not None and (x.grad.double() - want).norm() / want.norm() < 2e-2

@@ -11,8 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lora_kit.core import ConfigError, LoraKitError, tiny_llama
 from lora_kit.data import collate
-from lora_kit.efficient import EfficientLoRALinear
-from lora_kit.inject import adapter_layers, adapter_state_dict, add_lora
+from lora_kit.inject import adapter_layers, adapter_state_dict, add_lora, plain_path_reasons
 from lora_kit.layers import LoRALinear
 from lora_kit.train import CHECKPOINTS, TrainConfig, loss_sum, optimizer_groups, train
 
@@ -99,32 +98,40 @@ def test_loss_sum_refuses_an_adapted_output_head_naming_the_fix():
     with pytest.raises(ConfigError, match="not LoRALinear: leave lm_head out of the adapter's target_modules"):
         loss_sum(model, collate(examples()[:2], pad_token_id=0))
 
+PLAIN_ASKED = "backward='plain' was asked for"
+
+
 def trained(efficient_layers):
     torch.manual_seed(0)
-    model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8)
+    # built on the other path than the one asked for, so that train has to switch it
+    model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, backward="plain" if efficient_layers else "lean")
     assert {type(layer) for layer in adapter_layers(model).values()} == {LoRALinear}
+    assert plain_path_reasons(model) == ({PLAIN_ASKED: 4} if efficient_layers else {})
     train(model, examples(), config=TrainConfig(max_steps=3, batch_size=3, lr=5e-3, warmup_steps=1,
                                                 efficient_layers=efficient_layers))
     return model
 
 
-def test_train_switches_plain_layers_to_the_efficient_one_with_the_same_result():
+def test_train_switches_the_layers_to_the_lean_or_the_plain_path_with_the_same_result():
     efficient, plain = trained(True), trained(False)
-    assert {type(layer) for layer in adapter_layers(efficient).values()} == {EfficientLoRALinear}
-    assert {type(layer) for layer in adapter_layers(plain).values()} == {LoRALinear}
-    ours, reference = adapter_state_dict(efficient), adapter_state_dict(plain)  # reference: the plain autograd layer
+    assert {type(layer) for layer in adapter_layers(efficient).values()} == {LoRALinear}
+    assert {layer.backward for layer in adapter_layers(efficient).values()} == {"lean"} and plain_path_reasons(efficient) == {}
+    assert {layer.backward for layer in adapter_layers(plain).values()} == {"plain"}
+    assert plain_path_reasons(plain) == {PLAIN_ASKED: 4}  # 2 blocks x (q_proj, v_proj)
+    ours, reference = adapter_state_dict(efficient), adapter_state_dict(plain)  # reference: plain autograd
     assert ours.keys() == reference.keys()
     for key in ours: assert torch.allclose(ours[key], reference[key], atol=1e-6), key
 
 
 class BothFaster(LoRALinear):
     "An adapter layer whose LoRA+ parameters are A and B: the groups must follow the interface, not the names."
-    def loraplus_parameters(self): return [self.lora_A.weight, self.lora_B.weight]
+    def loraplus_parameters(self): return [self.lora_A["default"].weight, self.lora_B["default"].weight]
 
 
 def test_loraplus_group_is_what_the_layers_name_and_frozen_ones_stay_out():
     model = add_lora(tiny_llama(), ["q_proj"], r=2, layer_cls=BothFaster)
-    frozen = next(iter(adapter_layers(model).values())).lora_A.weight.requires_grad_(False)
+    assert {type(layer) for layer in adapter_layers(model).values()} == {BothFaster}  # add_lora built the subclass
+    frozen = next(iter(adapter_layers(model).values())).lora_A["default"].weight.requires_grad_(False)
     head = model.lm_head.weight.requires_grad_(True)  # trainable, but no adapter layer's
     adapters = [p for name, p in model.named_parameters() if "lora_" in name and p is not frozen]
     slow, fast = optimizer_groups(model, 1e-3, loraplus_lr_ratio=16)

@@ -11,11 +11,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from lora_kit.core import ConfigError, byte_tokenizer, tiny_llama
-from lora_kit.layers import adapter_layer_for
-from lora_kit.inject import (AdapterError, adapter_layers, add_lora, load_adapter, load_adapter_weights, lora_disabled,
-                             merge_lora, remove_lora, save_adapter, unmerge_lora)
-from lora_kit.efficient import use_efficient_layers
-from lora_kit.variants import DoRALinear, EfficientPiSSALinear, PiSSADoRALinear, PiSSALinear, pissa_factors
+from lora_kit.layers import LoRALinear
+from lora_kit.inject import (adapter_layers, add_lora, load_adapter, load_adapter_weights, lora_disabled, merge_lora,
+                             plain_path_reasons, remove_lora, save_adapter, set_backward, unmerge_lora)
+from lora_kit.variants import DoRA, pissa_factors
 
 IDS = byte_tokenizer()(["Selamat pagi, dunia!", "Apa kabar?"], return_tensors="pt", padding=True)
 
@@ -64,7 +63,8 @@ def test_peft_dora_adapter_loads_here(case, tmp_path):
                                                                   use_rslora=rslora, use_dora=True)))
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(tiny_llama(**cfg), tmp_path)
-    assert {type(l) for l in adapter_layers(ours).values()} == {DoRALinear}
+    assert {type(l) for l in adapter_layers(ours).values()} == {LoRALinear}
+    assert {type(l.variants["default"]) for l in adapter_layers(ours).values()} == {DoRA}
     assert not close(logits(theirs), logits(tiny_llama(**cfg)), 1e-3)
     assert close(logits(ours), logits(theirs))
 
@@ -75,7 +75,7 @@ def test_dora_magnitude_starts_as_peft_computes_it():
     theirs = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
     peft_layers = dict(theirs.base_model.model.named_modules())
     for name, layer in adapter_layers(ours).items():
-        assert torch.allclose(layer.lora_magnitude_vector, peft_layers[name].lora_magnitude_vector["default"].weight, atol=1e-6)
+        assert torch.allclose(layer.lora_magnitude_vector["default"], peft_layers[name].lora_magnitude_vector["default"].weight, atol=1e-6)
     assert close(logits(ours), logits(tiny_llama()))
 
 
@@ -84,7 +84,7 @@ def test_dora_on_a_bf16_base_matches_peft(tmp_path):
     theirs = trained(get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)))
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(base(), tmp_path)
-    assert adapter_layers(ours)["model.layers.0.self_attn.q_proj"].lora_magnitude_vector.dtype == torch.float32
+    assert adapter_layers(ours)["model.layers.0.self_attn.q_proj"].lora_magnitude_vector["default"].dtype == torch.float32
     assert close(logits(ours).float(), logits(theirs).float(), 2e-2)
 
 
@@ -101,10 +101,8 @@ def test_dora_merge_unmerge_remove_disable_keep_logits():
 
 
 def peft_name(name):
-    "peft's name of a lora_kit adapter parameter: adapter name `default` inserted, the magnitude a module's weight."
-    name = name.replace("lora_magnitude_vector", "lora_magnitude_vector.weight")
-    module, _, weight = name.rpartition(".")
-    return f"base_model.model.{module}.default.{weight}"
+    "peft's name of a lora_kit adapter parameter: both carry the adapter name; peft's magnitude is a module's weight."
+    return f"base_model.model.{name}" + (".weight" if name.endswith("lora_magnitude_vector.default") else "")
 
 
 def test_dora_gradients_equal_peft():
@@ -131,21 +129,30 @@ def test_dora_with_dropout_in_training_equals_peft(tmp_path):
     assert close(a, b) and not close(a, logits(ours.eval()), 1e-3)  # the same masks, and they do change the output
 
 
-def test_dora_keeps_its_own_forward_in_the_training_job_with_a_note():
-    model = add_lora(tiny_llama(), ["q_proj"], r=4, alpha=8, use_dora=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        use_efficient_layers(model)
-    assert [type(l) for l in adapter_layers(model).values()] == [DoRALinear] * 2
-    assert len(caught) == 1 and "DoRALinear" in str(caught[0].message)
+def test_dora_keeps_its_own_forward_in_the_training_job_with_a_reason():
+    model = add_lora(tiny_llama(), ["q_proj"], r=4, alpha=8, use_dora=True, backward="plain")
+    set_backward(model, "lean")  # what the training job does (TrainConfig.efficient_layers=True)
+    layers = adapter_layers(model)
+    assert [type(l) for l in layers.values()] == [LoRALinear] * 2
+    assert [type(l.variants["default"]) for l in layers.values()] == [DoRA] * 2
+    assert {l.backward for l in layers.values()} == {"lean"}
+    assert plain_path_reasons(model) == {DoRA.plain_reason: 2} and "DoRA" in DoRA.plain_reason  # the note: why not lean
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    assert type(model.model.layers[0].self_attn.q_proj(x).grad_fn).__name__ != "LoRAFunctionBackward"  # DoRA's own forward
 
 
-def test_dora_and_pissa_refuse_a_quantized_base():
+def test_pissa_refuses_a_quantized_base_and_dora_uses_its_dequantized_weight():
     bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit
     layer = bnb.nn.Linear4bit(64, 64, bias=False).to("cpu")  # quantized when moved to a device
     assert layer.weight.dtype == torch.uint8
-    with pytest.raises(ConfigError, match="16 or 32 bits"): DoRALinear(layer, r=4, alpha=8)
-    with pytest.raises(ConfigError, match="16 or 32 bits"): PiSSALinear(layer, r=4, alpha=8)
+    with pytest.raises(ConfigError, match="16 or 32 bits"): LoRALinear(layer, r=4, alpha=8, init_lora_weights="pissa")
+    layer = bnb.nn.Linear4bit(64, 64, bias=False).to("cpu")
+    dora = LoRALinear(layer, r=4, alpha=8, use_dora=True)  # DoRA's norm reads the weight through dense_weight
+    w0 = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()  # bitsandbytes' own dequantization
+    assert torch.allclose(dora.lora_magnitude_vector["default"], torch.linalg.norm(w0, dim=1), atol=1e-6)
+    x = torch.randn(3, 64)
+    with torch.no_grad(): assert torch.allclose(dora(x), x @ w0.T, atol=1e-5)  # the base layer at step 0
 
 
 # ------------------------------------------------------------------ PiSSA
@@ -156,8 +163,8 @@ def test_pissa_init_equals_peft():
     peft_layers = dict(theirs.base_model.model.named_modules())
     for name, layer in adapter_layers(ours).items():
         other = peft_layers[name]
-        assert torch.allclose(layer.lora_A.weight, other.lora_A["default"].weight, atol=1e-5)
-        assert torch.allclose(layer.lora_B.weight, other.lora_B["default"].weight, atol=1e-5)
+        assert torch.allclose(layer.lora_A["default"].weight, other.lora_A["default"].weight, atol=1e-5)
+        assert torch.allclose(layer.lora_B["default"].weight, other.lora_B["default"].weight, atol=1e-5)
         assert torch.allclose(layer.base.weight, other.base_layer.weight, atol=1e-6)  # the residual
     assert close(logits(ours), logits(tiny_llama()))  # the model is unchanged at step 0
 
@@ -196,8 +203,8 @@ def test_pissa_file_equals_peft_conversion(tmp_path):
     modules = dict(theirs.base_model.model.named_modules())
     with torch.no_grad():
         for name, layer in adapter_layers(ours).items():
-            modules[name].lora_A["default"].weight.copy_(layer.lora_A.weight)
-            modules[name].lora_B["default"].weight.copy_(layer.lora_B.weight)
+            modules[name].lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
+            modules[name].lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
     theirs.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft"))
     assert sorted(a) == sorted(b)
@@ -241,11 +248,13 @@ def test_pissa_checkpoint_resumes_into_a_fresh_pissa_model(tmp_path):
     assert close(logits(resumed), logits(model))
 
 
-def test_efficient_pissa_trains_like_plain_pissa():
-    plain = trained(add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, init_lora_weights="pissa"))
-    lean = trained(add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, init_lora_weights="pissa"))
-    use_efficient_layers(lean)
-    assert {type(l) for l in adapter_layers(lean).values()} == {EfficientPiSSALinear}
+def test_pissa_trains_on_the_lean_path_like_plain_pissa():
+    plain = trained(add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, init_lora_weights="pissa", backward="plain"))
+    lean = trained(add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, init_lora_weights="pissa"))  # lean: the default
+    assert {type(l) for l in adapter_layers(lean).values()} == {LoRALinear}
+    assert plain_path_reasons(lean) == {} and all(l.lora_start.keys() == {"default"} for l in adapter_layers(lean).values())
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    assert type(lean.model.layers[0].self_attn.q_proj(x).grad_fn).__name__ == "LoRAFunctionBackward"
     labels = IDS["input_ids"]
     plain.train()(**IDS, labels=labels).loss.backward(); lean.train()(**IDS, labels=labels).loss.backward()
     for (name, a), b in zip(plain.named_parameters(), lean.parameters()):
@@ -253,15 +262,16 @@ def test_efficient_pissa_trains_like_plain_pissa():
 
 
 def test_pissa_refuses_a_rank_whose_saved_form_cannot_load():
-    with pytest.raises(ConfigError, match="2r = 34"): PiSSALinear(nn.Linear(48, 32), r=17, alpha=8)
+    with pytest.raises(ConfigError, match="2r = 34"): LoRALinear(nn.Linear(48, 32), r=17, alpha=8, init_lora_weights="pissa")
     with pytest.raises(ConfigError, match="pissa_niter_K"): add_lora(tiny_llama(), init_lora_weights="pissa_fast")
 
 
 # ------------------------------------------------------------------ DoRA with PiSSA's start
 
 def test_dora_with_pissa_start_saves_a_rank_2r_dora_for_the_original_base(tmp_path):
-    assert adapter_layer_for(dict(use_dora=True, init_lora_weights="pissa")) is PiSSADoRALinear
     model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, use_dora=True, init_lora_weights="pissa")
+    for layer in adapter_layers(model).values():  # the two compose in the one layer class: DoRA's variant on PiSSA's start
+        assert type(layer) is LoRALinear and type(layer.variants["default"]) is DoRA and set(layer.lora_start) == {"default"}
     assert close(logits(model), logits(tiny_llama()))
     trained(model)
     save_adapter(model, tmp_path)
@@ -270,27 +280,35 @@ def test_dora_with_pissa_start_saves_a_rank_2r_dora_for_the_original_base(tmp_pa
     assert close(logits(PeftModel.from_pretrained(tiny_llama(), tmp_path)), logits(model))
 
 
-# ------------------------------------------------------------------ registration, and the jobs that use it
+# ------------------------------------------------------------------ no registration needed, and the jobs that use it
 
 def run_python(code):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
-def test_without_lora_kit_variants_dora_is_refused_with_the_fix(tmp_path):
+def test_without_importing_lora_kit_variants_dora_works(tmp_path):
+    ids = torch.arange(5, 13)[None]
     save_adapter(trained(add_lora(tiny_llama(), ["q_proj"], r=4, alpha=8, use_dora=True)), tmp_path)
-    r = run_python("from lora_kit.core import tiny_llama; from lora_kit.inject import add_lora\n"
-                   "try: add_lora(tiny_llama(), use_dora=True)\nexcept Exception as e: print(type(e).__name__, e)")
-    assert "ConfigError" in r.stdout and "import lora_kit.variants" in r.stdout, r.stderr
-    r = run_python("from lora_kit.core import tiny_llama; from lora_kit.inject import load_adapter\n"
-                   f"try: load_adapter(tiny_llama(), {str(tmp_path)!r})\nexcept Exception as e: print(type(e).__name__, e)")
-    assert "AdapterError" in r.stdout and "use_dora" in r.stdout and "lora_kit.variants" in r.stdout, r.stderr
+    with torch.no_grad(): want = PeftModel.from_pretrained(tiny_llama(), tmp_path)(ids).logits[0, -1, :4]
+    r = run_python("import json, sys, torch; from lora_kit.core import tiny_llama\n"
+                   "from lora_kit.inject import adapter_layers, add_lora, load_adapter\n"
+                   "before = 'lora_kit.variants' in sys.modules\n"
+                   "made = add_lora(tiny_llama(), use_dora=True)\n"
+                   f"loaded = load_adapter(tiny_llama(), {str(tmp_path)!r})\n"
+                   "with torch.no_grad(): got = loaded(torch.arange(5, 13)[None]).logits[0, -1, :4].tolist()\n"
+                   "kinds = lambda m: sorted({type(l.variants['default']).__name__ for l in adapter_layers(m).values()})\n"
+                   "print(json.dumps(dict(before=before, made=kinds(made), loaded=kinds(loaded), logits=got)))")
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    assert found["before"] is False and found["made"] == found["loaded"] == ["DoRA"]  # imported when used, by the table
+    assert torch.allclose(torch.tensor(found["logits"]), want, atol=1e-5)  # peft's logits for the same file
 
 
-def test_the_finetune_module_registers_the_variants(tmp_path):
+def test_the_finetune_module_loads_dora_adapters(tmp_path):
     save_adapter(trained(add_lora(tiny_llama(), ["q_proj"], r=4, alpha=8, use_dora=True)), tmp_path)
     r = run_python("import lora_kit.finetune; from lora_kit.core import tiny_llama; from lora_kit.inject import load_adapter, adapter_layers\n"
-                   f"print(sorted({{type(l).__name__ for l in adapter_layers(load_adapter(tiny_llama(), {str(tmp_path)!r})).values()}}))")
-    assert r.stdout.strip() == "['DoRALinear']", r.stderr
+                   f"print(sorted({{(type(l).__name__, type(l.variants['default']).__name__) for l in adapter_layers(load_adapter(tiny_llama(), {str(tmp_path)!r})).values()}}))")
+    assert r.stdout.strip() == "[('LoRALinear', 'DoRA')]", r.stderr
 
 
 @pytest.mark.parametrize("flags", [["--dora"], ["--init", "pissa"]])
@@ -329,7 +347,7 @@ def test_estimate_cli_counts_dora():
 
 
 def test_dora_trains_like_peft_dora_in_the_training_job():
-    "The same start, data and optimizer: lora_kit's training loop gives the same losses with either DoRA layer."
+    "The same start, data and optimizer: lora_kit's training loop gives the same losses with either DoRA implementation."
     from functools import partial
     from dataclasses import replace
     from lora_kit.data import collate, demo_path, load_instructions, tokenize_dataset
