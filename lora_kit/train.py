@@ -28,7 +28,8 @@ from .core import (ConfigError, LoraKitError, WriteError, atomic_folder, count_p
                            write_failure)
 from .data import collate
 from .efficient import chunked_cross_entropy
-from .inject import CONFIG_NAME, active_adapters, adapter_layers, save_adapter, load_adapter_weights, set_backward
+from .inject import (CONFIG_NAME, active_adapters, adapter_layers, plain_path_reasons, save_adapter, load_adapter_weights,
+                             set_backward)
 
 # %% ../nbs/10_train.ipynb #91fa55d2
 def language_model(model:nn.Module) -> nn.Module:
@@ -370,6 +371,9 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     accelerator = Accelerator(mixed_precision=config.precision, cpu=not torch.cuda.is_available())
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
     set_backward(model, "lean" if config.efficient_layers else "plain")
+    if config.efficient_layers and (reasons := plain_path_reasons(model)):  # the fallback says why, once per run
+        warnings.warn("Some adapter layers train on the plain path: " + "; ".join(f"{why} ({n} layers)" for why, n in reasons.items()),
+                      stacklevel=2)
     if config.grad_checkpointing: enable_gradient_checkpointing(model)
     groups = optimizer_groups(model, config.lr, config.loraplus_lr_ratio)
     if not groups: raise LoraKitError("The model has no trainable parameters: call lora_kit.inject.add_lora first.")

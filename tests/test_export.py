@@ -143,7 +143,7 @@ def test_a_qlora_adapter_is_merged_into_the_full_precision_base(tmp_path):
     four_bit = add_lora(load_4bit(str(base_path())), ("q_proj", "v_proj"), r=4, alpha=8)
     torch.manual_seed(0)
     with torch.no_grad():
-        for layer in adapter_layers(four_bit).values(): layer.lora_B.weight.normal_(0, 0.05)  # as if trained
+        for layer in adapter_layers(four_bit).values(): layer.lora_B["default"].weight.normal_(0, 0.05)  # as if trained
     save_adapter(four_bit, tmp_path / "qlora", base_model_name_or_path=str(base_path()))
     assert main(["export", "--adapter", str(tmp_path / "qlora"), "--output", str(tmp_path / "q.gguf"), "--dtype", "f32"]) == 0
     read = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32).state_dict()

@@ -54,16 +54,16 @@ def test_qlora_at_7b_layer_shapes_trains_saves_and_reloads(base_7b_shapes, tmp_p
     prepare_for_kbit_training(model, gradient_checkpointing=True)
     add_lora(model, "all-linear", r=16, alpha=32, dropout=0.05)
     layers = adapter_layers(model)
-    assert len(layers) == 14 and all(l.lora_A.weight.dtype == torch.float32 for l in layers.values())
+    assert len(layers) == 14 and all(l.lora_A["default"].weight.dtype == torch.float32 for l in layers.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 2 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # r·(in+out) per linear, closed form
 
     rows = tokenize_dataset(load_instructions(demo_path("train")).select(range(8)), tokenizer, max_length=64).to_list()
     config = TrainConfig(max_steps=3, batch_size=2, lr=1e-3, warmup_steps=0, grad_checkpointing=True)
-    before = {n: l.lora_B.weight.detach().clone() for n, l in layers.items()}
+    before = {n: l.lora_B["default"].weight.detach().clone() for n, l in layers.items()}
     result = train(model.train(), rows, config=config, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
     assert result["steps"] == 3 and all(math.isfinite(h["loss"]) for h in result["history"] if "loss" in h)
-    assert all(not torch.equal(before[n], l.lora_B.weight) for n, l in adapter_layers(model).items())
+    assert all(not torch.equal(before[n], l.lora_B["default"].weight) for n, l in adapter_layers(model).items())
 
     folder = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base_7b_shapes))
     ids = collate(rows[:2], tokenizer.pad_token_id)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_kit.core import byte_tokenizer, tiny_llama
 from lora_kit.qlora import open_adapter
 from lora_kit.tiny import generate
-from lora_kit.inject import add_lora, save_adapter
+from lora_kit.inject import adapter_layers, add_lora, save_adapter
 
 PROMPT = "<s>Halo dunia"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -88,7 +88,7 @@ def test_finetune_trains_with_the_efficient_layer_and_holds_out_with_datasets(tm
     import json
     from dataclasses import replace
     from lora_kit.data import demo_path
-    from lora_kit.efficient import EfficientLoRALinear
+    from lora_kit.inject import plain_path_reasons
     from lora_kit.finetune import DEMO_CONFIG, FinetuneConfig, split_data
     config = FinetuneConfig(data=str(demo_path("train")), output=tmp_path, eval_examples=500, train=replace(DEMO_CONFIG, max_steps=1))
     train_ds, eval_ds = split_data(config)
@@ -98,7 +98,8 @@ def test_finetune_trains_with_the_efficient_layer_and_holds_out_with_datasets(tm
     from lora_kit.train import train
     model = add_lora(tiny_llama(), ["q_proj"], r=2)
     train(model, [dict(input_ids=[1, 5, 6, 7], labels=[-100, 5, 6, 7])], config=replace(DEMO_CONFIG, max_steps=1))
-    assert {type(m).__name__ for m in model.modules() if hasattr(m, "loraplus_parameters")} == {EfficientLoRALinear.__name__}
+    assert plain_path_reasons(model) == {}  # every adapter layer trained on the lean path
+    assert {l.backward for l in adapter_layers(model).values()} == {"lean"}
 
 
 def test_cli_finetune_prints_the_summary_and_writes_the_folder(tmp_path):

@@ -210,7 +210,7 @@ def test_merge_unmerge_property(d_in, d_out, data, rslora):
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(d_in, d_out), r=r, alpha=alpha, use_rslora=rslora)
     with torch.no_grad():
-        layer.lora_B.weight.normal_()
+        layer.lora_B["default"].weight.normal_()
         x, W0 = torch.randn(3, d_in), layer.base.weight.clone()
         unmerged = layer(x)
         layer.merge()
