@@ -132,7 +132,7 @@ def test_every_linear_of_the_base_is_whole_64_weight_blocks():
     assert len(AutoTokenizer.from_pretrained(base_path())) == model.config.vocab_size
 
 
-@pytest.mark.parametrize("repacking", [False, True], ids=["as-bitsandbytes-decides", "repacked-as-on-avx512-bf16"])
+@pytest.mark.parametrize("repacking", [False, True], ids=["standard-kernel", "repacked-as-on-avx512-bf16"])
 def test_base_loads_in_4_bits_with_plain_transformers_and_runs_eval_and_generate(repacking):
     "The standard QLoRA load, then an eval-mode forward and generate; where bitsandbytes repacks, the old base crashed."
     pytest.importorskip("bitsandbytes", reason="4-bit needs the qlora extra")
@@ -143,8 +143,7 @@ def test_base_loads_in_4_bits_with_plain_transformers_and_runs_eval_and_generate
         load_in_4bit=True, bnb_4bit_quant_type="nf4")).eval()
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 7 * model.config.num_hidden_layers
-    if repacking:
-        for layer in layers: layer.support_avx512bf16_for_cpu = True
+    for layer in layers: layer.support_avx512bf16_for_cpu = repacking  # bitsandbytes decides by the CPU; test both kernels
     ids = tokenizer(["<s>the old teacher will eat my hot rice. the old teacher"], add_special_tokens=False, return_tensors="pt")
     with torch.no_grad(): logits = model(**ids).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
