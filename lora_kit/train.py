@@ -28,8 +28,8 @@ from .core import (ConfigError, LoraKitError, WriteError, atomic_folder, count_p
                            write_failure)
 from .data import collate
 from .efficient import chunked_cross_entropy
-from .inject import (CONFIG_NAME, active_adapters, adapter_layers, plain_path_reasons, save_adapter, load_adapter_weights,
-                             set_backward)
+from .inject import (CONFIG_NAME, active_adapters, adapter_folders, adapter_layers, plain_path_reasons, save_adapter,
+                             load_adapter_weights, set_adapter, set_backward)
 
 # %% ../nbs/10_train.ipynb #91fa55d2
 def language_model(model:nn.Module) -> nn.Module:
@@ -259,7 +259,7 @@ def load_checkpoint(path:Path, model, optimizer, scheduler, accelerator:Accelera
         if not differences:
             state = torch.load(path / "trainer_state.pt", weights_only=True)
             rng = torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
-            load_adapter_weights(unwrapped, path)
+            for name, folder in adapter_folders(path).items(): load_adapter_weights(unwrapped, folder, name)  # each adapter
     except Exception as e:  # truncated, tampered (pickled code is refused by weights_only) or missing files
         raise LoraKitError(f"Checkpoint {path} cannot be resumed from ({e}); delete it, or resume with fallback to use an earlier one (resume_fallback=True; lora-kit finetune --resume --resume-fallback).") from None
     if differences: raise mismatch_error(path, differences)
@@ -362,6 +362,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
           collate_fn=None, # examples -> batch of tensors; default `lora_kit.data.collate` with pad id 0
           metric_fn=None, # model -> dict of task metrics, run at each evaluation
           base_model_name_or_path:str|None=None, # the base's name, recorded in checkpoints and checked on resume; default: the model's
+          adapter_name:str|None=None, # train this adapter alone (the others stay frozen); default: whatever is trainable
          ) -> dict:
     "Train the trainable parameters of `model` (its adapter layers on the lean path unless told otherwise); returns metrics and history."
     if not train_examples: raise LoraKitError("train_examples is empty: nothing to train on.")
@@ -370,6 +371,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
         raise ConfigError("precision='fp16' needs a GPU; use 'bf16' or 'no' on a CPU.")
     accelerator = Accelerator(mixed_precision=config.precision, cpu=not torch.cuda.is_available())
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
+    if adapter_name is not None: set_adapter(language_model(model), adapter_name)
     set_backward(model, "lean" if config.efficient_layers else "plain")
     if config.efficient_layers and (reasons := plain_path_reasons(model)):  # the fallback says why, once per run
         warnings.warn("Some adapter layers train on the plain path: " + "; ".join(f"{why} ({n} layers)" for why, n in reasons.items()),
