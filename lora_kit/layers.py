@@ -8,7 +8,7 @@ Docs: https://lora-kit.github.io/lora_kit/layers.html.md"""
 __all__ = ['INITS', 'VARIANTS', 'BACKWARDS', 'LEAN_FORWARD', 'COMBINATIONS', 'check_lora_args', 'standard_4bit_layout',
            'frozen_base', 'dense_weight', 'resolve', 'kaiming_init', 'gaussian_init', 'no_init', 'init_for',
            'PlainLoRA', 'variant_for', 'Start', 'config_settings', 'linear_combination', 'cat_combination',
-           'svd_combination', 'LoRALinear']
+           'svd_combination', 'adapter_name_problem', 'LoRALinear']
 
 # %% ../nbs/02_layers.ipynb #5a30fa51
 import importlib, math
@@ -172,6 +172,15 @@ def svd_combination(updates:list[tuple], weights:list[float], r:int) -> tuple:
 COMBINATIONS = {"linear": linear_combination, "cat": cat_combination, "svd": svd_combination}  # (updates, weights, r) -> (A, B)
 
 # %% ../nbs/02_layers.ipynb #08c606b4
+def adapter_name_problem(name, # the adapter name asked for
+                         adapters:nn.ModuleDict, # the layer's adapters so far (`lora_A`)
+                        ) -> str|None:
+    "Why `name` cannot name an adapter held in an `nn.ModuleDict` (taken, empty, dotted, or one of the dict's own attributes like `train`); None when it can."
+    if not isinstance(name, str) or not name or "." in name: return "use a non-empty string without '.'."
+    if name in adapters: return "this layer has an adapter of that name already; delete it first or choose another name."
+    if hasattr(adapters, name): return (f"nn.ModuleDict, which holds the adapters, has an attribute {name!r} of its own; "
+                                        "choose another name (e.g. add a prefix).")
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus trainable low-rank updates, one per named adapter: `h = base(x) + Σ scale·B(A(dropout(x)))`
     over the active adapters.
@@ -230,9 +239,7 @@ class LoRALinear(nn.Module):
                     init_lora_weights:bool|str=True, use_dora:bool=False, autocast_adapter_dtype:bool=True,
                     **variant_fields): # other `VARIANTS` fields, e.g. a variant of your own
         "Add adapter `name` with peft's settings, initialised by its init function; the first adapter becomes the active one."
-        if not isinstance(name, str) or not name or "." in name or name in self.lora_A:
-            raise ConfigError(f"adapter name {name!r}: " + ("this layer has an adapter of that name already; delete it first "
-                              "or choose another name." if name in self.lora_A else "use a non-empty string without '.'."))
+        if problem := adapter_name_problem(name, self.lora_A): raise ConfigError(f"adapter name {name!r}: {problem}")
         check_lora_args(r, alpha, dropout, self.in_features, self.out_features)
         if unknown := sorted(set(variant_fields) - set(VARIANTS)):
             raise ConfigError(f"{', '.join(unknown)}: no variant in VARIANTS ({', '.join(VARIANTS)}) is selected by it.")

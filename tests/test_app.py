@@ -8,10 +8,10 @@ pytest.importorskip("streamlit", reason="the app needs the app extra: pip instal
 from streamlit.testing.v1 import AppTest
 
 import lora_kit.app as app
-import lora_kit.qlora
 from lora_kit.core import ConfigError, byte_tokenizer, tiny_llama
-from lora_kit.qlora import DEMO_ADAPTER, open_adapter
-from lora_kit.inject import adapter_layers, adapter_state_dict
+from lora_kit.qlora import DEMO_ADAPTER, load_base, open_adapter
+from lora_kit.inject import active_adapters, adapter_layers, adapter_names, adapter_state_dict, add_weighted_adapter, save_adapter
+from lora_kit.tiny import generate
 
 METRICS = json.loads((DEMO_ADAPTER / "metrics.json").read_text())
 LONG_PROMPT = "Translate to Indonesian:\n\n" + "my old teacher reads the new book. " * 143  # 5,000 characters
@@ -201,9 +201,9 @@ def test_bad_input_shows_what_is_wrong_and_keeps_running(page, tmp_path, case, e
 
 def test_an_unknown_base_name_is_refused_without_loading(monkeypatch):
     "The check asks the Hub once (no retry loop): the loader, which retries offline, is never reached."
-    monkeypatch.setattr(lora_kit.qlora, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    monkeypatch.setattr(app, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
     with pytest.raises(ConfigError, match="llama-tiny"):
-        app.open_pair(DEMO_ADAPTER, "llama-tiny")
+        app.open_adapters(DEMO_ADAPTER, "llama-tiny")
 
 
 def test_shipped_metrics_carry_no_machine_paths():
@@ -273,6 +273,98 @@ def test_the_adapter_tab_leads_with_the_headline(page):
     after = sum(s["generated"] == s["expected"] for s in samples) / len(samples)
     assert tab.metric[0].label == "Exact match, held-out prompts"
     assert tab.metric[0].value == f"{METRICS['eval_accuracy_before']:.0%} → {after:.0%}"
+
+
+# --- several adapters on one base ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory) -> Path:
+    "peft's layout, written by `save_adapter`: the demo adapter in the folder ('default'), and in `weak/` the demo adapter at 0.3 of its strength."
+    folder = tmp_path_factory.mktemp("two_adapters")
+    model, _, _ = open_adapter(DEMO_ADAPTER)
+    add_weighted_adapter(model, ["default"], [0.3], "weak")
+    return save_adapter(model, folder, base_model_name_or_path="tiny")
+
+
+@pytest.fixture(scope="module")
+def alone(two_adapters) -> dict:
+    "The greedy reply to the page's default prompt of the tiny base with each adapter loaded on its own, and with none: the reference."
+    prompt, max_new = app.prompt_text(app.DEFAULT_PROMPT), 48  # the page's defaults: chat template, 48 new tokens
+    models = {"default": open_adapter(two_adapters)[:2], "weak": open_adapter(two_adapters / "weak")[:2], app.BASE_CHOICE: load_base("tiny")}
+    replies = {name: generate(model, tokenizer, [prompt], max_new)[0] for name, (model, tokenizer) in models.items()}
+    assert len(set(replies.values())) == 3, replies  # three different replies: the checks below can tell them apart
+    return replies
+
+
+def test_a_folder_of_adapters_gets_a_picker_of_each_and_the_base(page, two_adapters):
+    at = page(str(two_adapters))
+    assert not at.exception and not at.error
+    assert at.sidebar.selectbox(key="adapter").options == ["default", "weak", app.BASE_CHOICE]
+
+
+def test_picking_an_adapter_answers_as_that_adapter_alone(page, two_adapters, alone, tmp_path, monkeypatch):
+    "Each pick gives the reply of that adapter loaded on its own; merging merges the picked one only; the base loads once."
+    folder = shutil.copytree(two_adapters, tmp_path / "adapters")  # a folder the page has not cached yet
+    loads, real_load = [], app.load_base
+    monkeypatch.setattr(app, "load_base", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    at = page(str(folder))
+    for choice, merged in (("weak", False), ("default", False), ("weak", True), (app.BASE_CHOICE, False)):
+        at.sidebar.selectbox(key="adapter").select(choice).run()
+        if choice != app.BASE_CHOICE: at.checkbox[1].set_value(merged).run()  # the base alone: nothing to merge
+        at.button[0].click().run()
+        assert not at.exception and not at.error
+        titles, replies = [s.value for s in at.tabs[0].subheader], [c.value for c in at.tabs[0].code]
+        if choice == app.BASE_CHOICE:  # the base alone: one reply, one speed
+            assert at.checkbox[1].disabled and titles == ["Base model", "Speed"] and list(speed_table(at)) == ["base model"]
+            assert replies[0] == alone[choice]
+        else:
+            assert titles[:2] == ["Base model", f"Base + adapter {choice}" + (" (merged)" if merged else "")]
+            assert replies[:2] == [alone[app.BASE_CHOICE], alone[choice]]
+    assert len(loads) == 1  # one base for both adapters, and switching loaded nothing
+
+
+def test_merging_merges_the_picked_adapter_only(two_adapters):
+    model, _ = app.open_adapters(two_adapters)
+    with app.as_form(model, "merged", "weak"):
+        assert {tuple(layer.merged_adapters) for layer in adapter_layers(model).values()} == {("weak",)}
+        assert active_adapters(model) == ["weak"]
+    assert app.merged_adapters(model) == [] and active_adapters(model) == ["default"]  # left as it was found
+
+
+def test_all_side_by_side_gives_each_adapters_reply_in_one_batch(page, two_adapters, alone):
+    at = page(str(two_adapters))
+    at.toggle(key="side_by_side").set_value(True).run()
+    assert at.checkbox[1].disabled  # the rows of one batch cannot share merged weights
+    at.button[0].click().run()
+    assert not at.exception
+    assert [s.value for s in at.tabs[0].subheader] == ["Base model", "default", "weak"]
+    assert [c.value for c in at.tabs[0].code][:3] == [alone[app.BASE_CHOICE], alone["default"], alone["weak"]]
+
+
+def test_adapters_of_different_bases_are_refused_naming_both(page, two_adapters, tmp_path):
+    folder = shutil.copytree(two_adapters, tmp_path / "mixed")
+    config = folder / "weak" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    at = page(str(folder))
+    assert not at.exception and len(at.error) == 1
+    message = at.error[0].value
+    assert all(part in message for part in ("'default'", "'weak'", "'tiny'", "'meta-llama/Llama-2-7b-hf'",
+                                            "open each adapter's folder on its own"))
+
+
+def test_adapters_in_subfolders_only_are_named_after_them(page, tmp_path):
+    "A folder that holds no adapter itself, only subfolders that do (`lora-kit finetune` run twice): no 'default'."
+    for name in ("en-id", "id-en"): shutil.copytree(DEMO_ADAPTER, tmp_path / name)
+    assert adapter_names(app.open_adapters(tmp_path)[0]) == ["en-id", "id-en"]
+    assert page(str(tmp_path)).sidebar.selectbox(key="adapter").options == ["en-id", "id-en", app.BASE_CHOICE]
+
+
+def test_a_single_adapter_folder_has_no_picker(page):
+    at = page()
+    assert not at.exception and not at.sidebar.selectbox
+    assert [t.label for t in at.toggle] == ["Sample (else greedy)", "Gradient checkpointing"]  # no "side by side"
+    at.button[0].click().run()
+    assert [s.value for s in at.tabs[0].subheader] == ["Base model", "Base + adapter", "Speed"]
 
 
 # --- the server: signals and a real browser ---------------------------------------------------------------------

@@ -196,3 +196,103 @@ def test_generation_never_runs_past_the_context(tmp_path):
     r = lora_kit("generate", "--adapter", str(DEMO_ADAPTER), "--prompt", "the small cat eats my hot fish. " * 60)
     assert r.returncode == 0, r.stderr[-3000:]
     assert stderr_lines(r) == [], r.stderr[-3000:]
+
+
+PROMPT = "<s>[INST] Translate to Indonesian:\n\nmy old teacher reads the new book. [/INST]"
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Adapter folders on the embedded tiny base: the shipped demo; `weak`, the demo's update times 0.3 (it says
+    'surat' for 'buku'); `both`, the two in peft's multi-adapter layout; `on-copy`, `weak` naming a copy of the base."""
+    from lora_kit.finetune import DEMO_ADAPTER
+    from lora_kit.inject import add_weighted_adapter, save_adapter
+    from lora_kit.qlora import load_base, open_adapter
+    root = tmp_path_factory.mktemp("adapters")
+    model, _, _ = open_adapter(DEMO_ADAPTER)
+    add_weighted_adapter(model, ["default"], [0.3], "weak", combination_type="linear")
+    save_adapter(model, root / "weak", base_model_name_or_path="tiny", adapter_name="weak")
+    save_adapter(model, root / "both", base_model_name_or_path="tiny")  # "default" in both/, "weak" in both/weak
+    base, tokenizer = load_base("tiny")
+    base.save_pretrained(root / "base-copy"); tokenizer.save_pretrained(root / "base-copy")
+    save_adapter(model, root / "on-copy", base_model_name_or_path=str(root / "base-copy"), adapter_name="weak")
+    return dict(demo=DEMO_ADAPTER, **{name: root / name for name in ("weak", "both", "on-copy", "base-copy")})
+
+
+def alone(folder, model=None, max_new_tokens=12):
+    "The reference: the greedy reply of a model holding only the adapter in `folder` (or only the base, for None)."
+    from lora_kit.qlora import load_base, open_adapter
+    from lora_kit.tiny import generate
+    net, tokenizer = open_adapter(folder, model=model)[:2] if folder else load_base(model)
+    return generate(net, tokenizer, [PROMPT], max_new_tokens)[0]
+
+
+def generate_with(capsys, *adapter_args, max_new_tokens=12):
+    return in_process(capsys, "generate", *adapter_args, "--prompt", PROMPT, "--max-new-tokens", str(max_new_tokens))
+
+
+def test_generate_with_two_adapters_gives_each_the_reply_it_gives_alone(adapters, capsys):
+    demo, weak = adapters["demo"], adapters["weak"]
+    r = generate_with(capsys, "--adapter", str(demo), "--adapter", str(weak))
+    assert r.returncode == 0, r.stderr
+    assert alone(demo) != alone(weak)  # two different replies: each row ran through its own adapter
+    assert r.stdout == f"== demo_adapter ({demo}) ==\n{alone(demo)}\n\n== weak ({weak}) ==\n{alone(weak)}\n"
+
+
+def test_generate_with_one_adapter_prints_its_reply_alone_as_before(adapters, capsys):
+    r = generate_with(capsys, "--adapter", str(adapters["demo"]))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == alone(adapters["demo"]) + "\n"
+
+
+def test_base_flag_adds_the_bases_own_reply_first(adapters, capsys):
+    demo = adapters["demo"]
+    r = generate_with(capsys, "--base", "--adapter", str(demo))
+    assert r.returncode == 0, r.stderr
+    assert alone(None, "tiny") != alone(demo)
+    assert r.stdout == f"== base (tiny, no adapter) ==\n{alone(None, 'tiny')}\n\n== demo_adapter ({demo}) ==\n{alone(demo)}\n"
+
+
+def test_a_multi_adapter_folder_gives_each_of_its_adapters(adapters, capsys):
+    "`both` holds demo's adapter and `weak`'s: each is a row; the second `weak` is named weak-2."
+    both, weak = adapters["both"], adapters["weak"]
+    r = generate_with(capsys, "--adapter", str(both), "--adapter", str(weak))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (f"== both ({both}) ==\n{alone(both)}\n\n== weak ({both / 'weak'}) ==\n{alone(both / 'weak')}\n\n"
+                        f"== weak-2 ({weak}) ==\n{alone(weak)}\n")
+    assert alone(both) == alone(adapters["demo"]) and alone(both / "weak") == alone(weak)
+
+
+def test_adapter_names_follow_their_folders_and_stay_unique(adapters, tmp_path):
+    from lora_kit.cli import given_adapters, unique_name
+    names = [a.name for a in given_adapters([str(adapters["both"]), str(adapters["weak"]), str(adapters["demo"])])]
+    assert names == ["both", "weak", "weak-2", "demo_adapter"]
+    taken = set()
+    assert [unique_name(tmp_path / n, taken) for n in ("v1.2", "eval", "eval", "half")] == ["v1_2", "eval-2", "eval-3", "half-2"]
+
+
+def test_adapters_on_different_bases_exit_2_naming_both_unless_model_is_given(adapters, capsys):
+    demo, on_copy = adapters["demo"], adapters["on-copy"]
+    r = generate_with(capsys, "--adapter", str(demo), "--adapter", str(on_copy))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == ""
+    assert f"names tiny, {on_copy} names {adapters['base-copy']}" in r.stderr
+    assert "pass --model" in r.stderr and "run them separately" in r.stderr
+    r = generate_with(capsys, "--adapter", str(demo), "--adapter", str(on_copy), "--model", "tiny")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(f"== on-copy ({on_copy}) ==\n{alone(on_copy, model='tiny')}\n")
+
+
+@pytest.mark.parametrize("folder, problem", [("nowhere", "(no such folder)"), ("empty", "or its subfolders")])
+def test_a_folder_without_an_adapter_exits_2_with_one_line(adapters, tmp_path, capsys, folder, problem):
+    (tmp_path / "empty").mkdir()
+    r = generate_with(capsys, "--adapter", str(adapters["demo"]), "--adapter", str(tmp_path / folder))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"No adapter_config.json in --adapter {tmp_path / folder} {problem}: pass a folder" in r.stderr
+
+
+def test_sampling_flags_reach_every_adapter(adapters, capsys):
+    r = in_process(capsys, "generate", "--adapter", str(adapters["demo"]), "--adapter", str(adapters["weak"]), "--prompt",
+                   PROMPT, "--temperature", "0.8", "--top-p", "0.9", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert [l for l in r.stdout.splitlines() if l.startswith("== ")] == [
+        f"== demo_adapter ({adapters['demo']}) ==", f"== weak ({adapters['weak']}) =="]

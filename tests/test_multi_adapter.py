@@ -88,6 +88,17 @@ def test_mixed_batch_errors_name_the_problem(peft_pair):
     finally: unmerge_lora(ours)
 
 
+@pytest.mark.parametrize("name", ["train", "half", "cuda", "eval", "a.b", ""])
+def test_names_nn_moduledict_cannot_hold_are_refused_before_any_layer_changes(name):
+    "An adapter named like one of nn.ModuleDict's own attributes (`train`, `half`) would raise a bare KeyError deep in torch."
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match=f"adapter name {name!r}: (nn.ModuleDict|use a non-empty)"):
+        add_lora(model, ["q_proj"], r=2, adapter_name=name)
+    assert adapter_layers(model) == {}
+    add_lora(model, ["q_proj"], r=2, adapter_name=f"{name.replace('.', '')}-lora")  # a prefix or suffix is enough
+    assert adapter_names(model) == [f"{name.replace('.', '')}-lora"]
+
+
 def test_dora_rows_equal_each_adapter_alone():
     "peft refuses DoRA in a mixed batch; lora_kit's per-row forward runs each row's variant: checked row by row."
     model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, use_dora=True, init_lora_weights=False)
