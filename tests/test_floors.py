@@ -49,6 +49,12 @@ def test_pins_override_floors_and_name_the_environment():
     assert a.startswith(f"py{sys.version_info.major}.{sys.version_info.minor}-")
 
 
+def test_a_floor_brings_the_optional_companions_it_would_import_at_its_own_range():
+    "This Python's transformers requires kernels 0.19, which transformers 5.4 imports and breaks on: the floor's extra pins it."
+    assert check_floors.requirement("transformers", "5.4") == "transformers[kernels]==5.4"
+    assert check_floors.requirement("peft", "0.14") == "peft==0.14"
+
+
 def test_a_wrong_version_in_the_environment_is_an_error():
     found = {"transformers": dict(version="5.24.0", file="/x/transformers/__init__.py"), "peft": dict(error="ImportError: no")}
     with pytest.raises(check_floors.FloorError, match="transformers: wanted 5.4, imported 5.24.0") as e:

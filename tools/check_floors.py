@@ -26,7 +26,11 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = ROOT / "pyproject.toml"
 FLOORED = ("transformers", "peft", "accelerate", "datasets")  # installed at exactly their declared floor
-REPORTED = ("torch", "tokenizers", "huggingface_hub", "safetensors", "numpy", "pyarrow", "bitsandbytes")  # printed only
+# Optional dependencies that newer releases of a floored package made required, so this Python has them at versions the
+# floor never knew, and the floor imports them anyway and breaks (transformers 5.4 with kernels 0.19: "Either a revision
+# or a version must be specified"). The floor's own extra installs them at the range that floor declares.
+EXTRAS = {"transformers": "kernels"}
+REPORTED = ("kernels", "torch", "tokenizers", "huggingface_hub", "safetensors", "numpy", "pyarrow", "bitsandbytes")  # printed only
 LIBRARY_TESTS = (  # everything that exercises the library; not the app, the browser, the lessons or the packaging
     "tests/test_interop.py", "tests/test_adapter_errors.py", "tests/test_adapter_interface.py", "tests/test_efficient.py",
     "tests/test_data.py", "tests/test_tiny.py", "tests/test_train.py", "tests/test_jobs.py", "tests/test_bad_input.py",
@@ -73,6 +77,11 @@ def parse_pins(pins:list[str]) -> dict[str, str]:
         if not m: raise FloorError(f"--pin {pin!r}: write it as name==version, e.g. transformers==4.56.0")
         out[m.group(1)] = m.group(2)
     return out
+
+
+def requirement(name:str, version:str) -> str:
+    "What pip is asked for: `name` at exactly `version`, with its extra from `EXTRAS` if it has one."
+    return f"{name}[{EXTRAS[name]}]=={version}" if name in EXTRAS else f"{name}=={version}"
 
 
 def venv_name(pins:dict[str, str]) -> str:
@@ -135,7 +144,7 @@ def _build(venv:Path, pins:dict[str, str], extra:list[str]) -> dict:
         own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                              capture_output=True, text=True, check=True).stdout.strip()
         (Path(own) / "_outer_env.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in outer))
-    wanted = [*(f"{n}=={v}" for n, v in pins.items()), *extra]
+    wanted = [*(requirement(n, v) for n, v in pins.items()), *extra]
     print("pip install", *wanted, flush=True)
     t0 = time.perf_counter()
     r = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *wanted],
