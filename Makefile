@@ -23,7 +23,7 @@ demo: install
 test: install
 	$(PYTHON) tools/check_sync.py
 	OMP_NUM_THREADS=1 nbdev-test  # two notebooks at once, one thread each: no oversubscription on 2 cores
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest --durations=15  # every test but the GPU rehearsal (below); the 15 slowest named
 	rm -rf $(DIST) && $(PYTHON) -m build --outdir $(DIST) .  # the sdist, then the wheel built from it
 	$(PYTHON) -m twine check --strict $(DIST)/*
 	$(PYTHON) tools/run_lessons.py --wheel $(DIST)/lora_kit-*.whl  # each lesson alone, from the installed wheel
@@ -47,7 +47,7 @@ gpu-bundle:
 
 # `make gpu-check` on a stand-in of the GPU machine (its package versions, no bitsandbytes/datasets), offline
 gpu-rehearsal: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -m slow -s tests/test_gpu_rehearsal.py
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -m gpu_rehearsal -s tests/test_gpu_rehearsal.py
 
 # Run the lessons in place at learner sizes and store their outputs in the notebooks (GitHub and Colab show them).
 # One lesson: make outputs NB=nbs/05_widgets.ipynb

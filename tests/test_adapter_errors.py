@@ -60,7 +60,6 @@ def test_missing_r(adapter):
 
 
 def test_dora_config_without_its_magnitudes_is_incomplete(adapter):
-    import lora_kit.variants  # registers DoRA (a loaded lora_kit.finetune has done so too)
     edit_config(adapter, use_dora=True)
     assert_refused(adapter, ValueError, "lora_magnitude_vector", "incomplete")
 

@@ -6,13 +6,13 @@ checked here against peft's layer on the same weights (outputs and gradients), o
 supports it, on bitsandbytes' 4-bit layer; no feature needs an import beyond `lora_kit.inject`; and `add_lora`'s
 default layer keeps at most 0.75x peft's bytes for backward.
 """
-import itertools, json, subprocess, sys, textwrap
+import itertools, json, subprocess, sys
 import pytest, torch
 from torch import nn
 from peft import LoraConfig, get_peft_model
 from lora_kit.core import ConfigError, tiny_llama
 from lora_kit.efficient import SavedTensorLog, causal_lm_loss
-from lora_kit.inject import adapter_layers, add_lora, plain_path_reasons
+from lora_kit.inject import add_lora, plain_path_reasons
 from lora_kit.layers import LoRALinear, dense_weight
 
 INITS, VARIANTS, BACKWARDS = ("gaussian", "pissa"), ("lora", "dora"), ("lean", "plain")
@@ -142,6 +142,7 @@ print(json.dumps(dict(before=before, dora=type(adapter_layers(dora)["model.layer
 """
 
 
+@pytest.mark.slow
 def test_no_feature_depends_on_an_import_side_effect(tmp_path):
     "In a fresh interpreter, right after `from lora_kit.inject import add_lora`: DoRA, PiSSA, a peft DoRA file, 4-bit lean."
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))

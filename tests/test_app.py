@@ -17,6 +17,7 @@ METRICS = json.loads((DEMO_ADAPTER / "metrics.json").read_text())
 LONG_PROMPT = "Translate to Indonesian:\n\n" + "my old teacher reads the new book. " * 143  # 5,000 characters
 
 
+@pytest.mark.slow
 def test_the_app_loads_the_dashboard_data_not_the_widgets():
     "A fresh interpreter imports each module; only the widgets lesson may pull in ipywidgets."
     loads_ipywidgets = {}
@@ -302,6 +303,7 @@ def test_a_folder_of_adapters_gets_a_picker_of_each_and_the_base(page, two_adapt
     assert at.sidebar.selectbox(key="adapter").options == ["default", "weak", app.BASE_CHOICE]
 
 
+@pytest.mark.slow
 def test_picking_an_adapter_answers_as_that_adapter_alone(page, two_adapters, alone, tmp_path, monkeypatch):
     "Each pick gives the reply of that adapter loaded on its own; merging merges the picked one only; the base loads once."
     folder = shutil.copytree(two_adapters, tmp_path / "adapters")  # a folder the page has not cached yet
@@ -408,6 +410,7 @@ def assert_stops_cleanly(server, port, sig):
     assert not left, f"a process of lora-kit app outlived {sig.name}"
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_no_server_behind():
     "The first `lora-kit app` ran Streamlit as a child, which a SIGTERM to the command left serving on its port."
     port = free_port()
@@ -420,6 +423,7 @@ MERGED_VS_BASE, ATTEMPTS = 0.25, 3  # |merged / base - 1| allowed for the median
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.slow
 def test_real_browser(tmp_path):
     """A new user's path in Chromium: time to usable, speeds, a long prompt, the chart; Ctrl-C then stops the server.
 
@@ -495,7 +499,6 @@ def test_real_browser(tmp_path):
 
 def test_the_adapter_tab_names_the_variant(tmp_path):
     "DoRA and rsLoRA adapters are named as such (lesson 07's variants); the shipped demo adapter is plain LoRA."
-    import lora_kit.variants  # registers DoRA
     from lora_kit.core import tiny_llama
     from lora_kit.inject import add_lora, save_adapter
     dora = save_adapter(add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, use_dora=True), tmp_path / "dora")

@@ -107,6 +107,7 @@ def test_cli_bad_input_exits_2_with_one_line(catalogue, capsys, name):
     assert err.count("\n") == 1 and cause in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_4bit_without_bitsandbytes_exits_2_with_the_install_command():
     code = ("import sys; sys.modules['bitsandbytes'] = None\n"
             "from lora_kit.cli import main; sys.exit(main(['finetune', '--4bit', '--max-steps', '1']))")
@@ -135,6 +136,7 @@ print(marker.exists())
 """
 
 
+@pytest.mark.slow
 def test_remote_code_runs_only_when_asked(tmp_path):
     # in a subprocess: trusting remote code registers classes globally in transformers
     r = subprocess.run([sys.executable, "-c", REMOTE_CODE_CHECK, str(tmp_path)], capture_output=True, text=True, timeout=300)

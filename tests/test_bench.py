@@ -28,6 +28,7 @@ def bench(*args):
                           timeout=1200)
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_tables_and_writes_json(tmp_path):
     out = bench("--tiny", "--repeats", "1", "--seq-len", "16", "--methods", "full,peft,efficient", "--dropouts", "0.1",
                 "--json", str(tmp_path / "bench.json"))
@@ -43,6 +44,7 @@ def test_tiny_run_prints_tables_and_writes_json(tmp_path):
 
 
 @needs_bitsandbytes
+@pytest.mark.slow
 def test_three_paths_from_the_command_line(tmp_path):
     out = bench("--tiny", "--repeats", "1", "--seq-len", "16", "--methods", "full,peft,efficient", "--dropouts", "0.1",
                 "--path", "fp32,autocast,qlora", "--dtype", "fp16", "--no-inference", "--json", str(tmp_path / "bench.json"))
@@ -69,6 +71,7 @@ def test_bad_path_and_dtype_exit_2_naming_the_choices(capsys, argv, named):
     assert err.count("\n") == 1 and named in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_bad_arguments_exit_2_with_the_reason():
     out = bench("--methods", "lora")
     assert out.returncode == 2 and "Unknown method(s) lora" in out.stderr
@@ -78,6 +81,7 @@ def test_bad_arguments_exit_2_with_the_reason():
     assert out.returncode == 2 and "unknown path tpu: choose from fp32, autocast, qlora" in out.stderr
 
 
+@pytest.mark.slow
 def test_qlora_path_without_bitsandbytes_exits_2_with_the_install_command():
     code = ("import sys; sys.modules['bitsandbytes'] = None\n"
             "from lora_kit.cli import main; sys.exit(main(['bench', '--tiny', '--path', 'fp32,qlora', '--repeats', '1']))")

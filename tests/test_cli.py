@@ -168,6 +168,7 @@ def test_help_and_estimate_load_neither_torch_nor_transformers(args):
     assert code in ("0", "2") and loaded == "[]", r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_help_documents_the_exit_codes():
     r = lora_kit("--help")
     assert r.returncode == 0 and "exit codes: 0 done; 2 bad input" in " ".join(r.stdout.split())
@@ -179,6 +180,7 @@ def stderr_lines(r):
     return [l for l in r.stderr.replace("\r", "\n").splitlines() if l.strip() and not l.startswith("training")]
 
 
+@pytest.mark.slow
 def test_warnings_print_once_each_on_one_line_without_a_path(tmp_path):
     "The lean layer's DoRA fallback warns (lesson 06): once, as `warning: ...`, no file path, no source line."
     r = subprocess.run([sys.executable, "-m", "lora_kit.cli", "finetune", "--dora", "--max-steps", "2", "--eval-examples", "4",
@@ -190,6 +192,7 @@ def test_warnings_print_once_each_on_one_line_without_a_path(tmp_path):
     assert lines == warned, lines  # nothing else: no `file.py:N: UserWarning`, no source line, no library notice
 
 
+@pytest.mark.slow
 def test_generation_never_runs_past_the_context(tmp_path):
     "A prompt longer than the base's 256 positions: a reply, and no transformers 'friendly reminder' on stderr."
     from lora_kit.finetune import DEMO_ADAPTER

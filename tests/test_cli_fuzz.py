@@ -3,8 +3,6 @@
 Each generated command line is parsed, and checked the way `lora-kit` checks it before any work: the config objects
 of `finetune`, the closed form of `estimate`. Nothing here loads a model or data, so a command line that must fail
 fails before loading one. Any exception outside the kit's error family would be a traceback for the user."""
-import math
-
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 

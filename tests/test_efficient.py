@@ -11,15 +11,9 @@ from lora_kit.efficient import (SavedTensorLog, causal_lm_loss, chunked_cross_en
                                 dropout_keep_scale)
 from lora_kit.inject import adapter_layers, add_lora, merge_lora, plain_path_reasons, remove_lora, set_backward
 from lora_kit.layers import LoRALinear
+from conftest import SameMaskDropout, randomize_B, worst_error
 
 IDS = torch.randint(0, 260, (2, 48), generator=torch.Generator().manual_seed(0))
-
-
-def randomize_B(model, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name: p.normal_(std=0.05)
 
 
 def adapter_grads(model, loss_fn, seed=1):
@@ -39,12 +33,6 @@ def kit_model(backward, dropout=0.0, targets="all-linear", **cfg):
     model = add_lora(tiny_llama(**cfg), targets, r=8, alpha=16, dropout=dropout, backward=backward)
     randomize_B(model)
     return model
-
-
-class SameMaskDropout(nn.Module):
-    "Dropout drawing its mask exactly as the lean path does, so peft sees the same masks from the same seed."
-    def __init__(self, p): super().__init__(); self.p = p
-    def forward(self, x): return x * dropout_keep_mask(x.shape, self.p, x.device) * dropout_keep_scale(self.p)
 
 
 def peft_model_like(ours, dropout=0.0, base_dtype=torch.float32):
@@ -196,7 +184,7 @@ def test_saved_tensor_log_counts_shared_storage_once():
     lin = nn.Linear(8, 8)
     x = torch.randn(4, 8, requires_grad=True)
     with SavedTensorLog(lin) as log:
-        y = x * x  # saves x twice (both operands)
+        x * x  # saves x twice (both operands)
     assert len([r for r in log.records if not r.is_param]) == 2
     assert log.activation_bytes() == x.untyped_storage().nbytes()
 
@@ -277,9 +265,6 @@ def scaled_grads(model, amp_dtype, loss_scale=2**12, checkpointing=False, backwa
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     if amp_dtype is not None: assert {g.dtype for g in grads.values()} == {torch.float32}  # fp32 adapters, fp32 gradients
     return loss.item(), {n: g.double() / loss_scale for n, g in grads.items()}
-
-
-def worst_error(grads, exact): return max(((grads[n] - exact[n]).norm() / exact[n].norm()).item() for n in exact)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

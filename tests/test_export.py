@@ -72,7 +72,7 @@ def read_back(folder, dtype):
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"demo-{dtype}.gguf", dtype=torch.float32).eval()
 
 
-def logits(model, tokenizer, prompts):
+def prompt_logits(model, tokenizer, prompts):
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad(): return model(**batch).logits
 
@@ -86,7 +86,7 @@ def test_cli_writes_three_files_and_modelfiles(exported):
 
 
 def test_f32_logits_equal_the_merged_model(exported, reference, tokenizer, prompts):
-    got, want = logits(read_back(exported, "f32"), tokenizer, prompts[:16]), logits(reference, tokenizer, prompts[:16])
+    got, want = prompt_logits(read_back(exported, "f32"), tokenizer, prompts[:16]), prompt_logits(reference, tokenizer, prompts[:16])
     assert (got - want).abs().max().item() <= 1e-4
 
 
@@ -99,10 +99,10 @@ def test_f16_is_the_merged_model_rounded_to_fp16(exported, reference, tokenizer,
     loaded = model.state_dict()
     for key, w in rounded.state_dict().items():
         assert torch.equal(loaded[key], w), key
-    got = logits(model, tokenizer, prompts[:16])
-    assert (got - logits(rounded, tokenizer, prompts[:16])).abs().max().item() <= 1e-4
+    got = prompt_logits(model, tokenizer, prompts[:16])
+    assert (got - prompt_logits(rounded, tokenizer, prompts[:16])).abs().max().item() <= 1e-4
     # and fp16 rounding moves the logits by a few thousandths, no more
-    assert (got - logits(reference, tokenizer, prompts[:16])).abs().max().item() <= 0.05
+    assert (got - prompt_logits(reference, tokenizer, prompts[:16])).abs().max().item() <= 0.05
 
 
 def test_q8_0_gives_the_merged_models_greedy_replies(exported, reference, tokenizer, prompts):

@@ -17,11 +17,10 @@ from lora_kit.cli import main
 from lora_kit.core import LOCK_NAME, LoraKitError, tiny_llama, write_failure
 from lora_kit.inject import WEIGHTS_NAME, add_lora
 from lora_kit.train import CHECKPOINTS, RUN_SETTINGS, CheckpointMismatchError, TrainConfig, checkpoints, train
+from conftest import SUBPROCESS_ENV
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_worker import examples  # noqa: E402
+from train_worker import examples
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 QUICK = ["finetune", "--max-steps", "2", "--eval-examples", "2", "--batch-size", "2", "--save-every", "1", "--warmup-steps", "0"]
 FULL = "No space left on device"
 
@@ -35,7 +34,7 @@ def run(capsys, *args):
 def lora_kit(*args, prefix=()):
     "`lora-kit ARGS` in a new process, as a user runs it (`prefix`: e.g. a command that drops privileges)."
     return subprocess.run([*prefix, sys.executable, "-m", "lora_kit.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=ENV)
+                          timeout=600, env=SUBPROCESS_ENV)
 
 
 def message(err:str) -> str:
@@ -201,6 +200,7 @@ def small_disk(tmp_path):
 def files_on(disk:Path) -> list[str]: return sorted(p.relative_to(disk).as_posix() for p in disk.rglob("*") if not p.is_dir())
 
 
+@pytest.mark.slow
 def test_a_real_120k_disk_ends_in_one_line_naming_the_file(small_disk):
     disk = small_disk("120k")
     r = lora_kit("finetune", "--output", disk / "out", "--max-steps", "2", "--eval-examples", "4")
@@ -254,6 +254,7 @@ def _drop_write_override() -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["read-only disk", "folder on a disk remounted read-only", "folder without write permission"])
+@pytest.mark.slow
 def test_an_output_that_cannot_be_written_is_refused_in_one_line_before_anything_loads(case, small_disk, tmp_path):
     prefix, cause, fix = [], "Read-only file system", "choose a writable folder"
     if case == "read-only disk":
@@ -288,7 +289,6 @@ def checkpointed(out, steps=2, base=None, **lora):
 
 
 def resumed(out, steps=2, base=None, fallback=False, **lora):
-    import lora_kit.variants  # noqa: F401  (DoRA and PiSSA layers)
     model = add_lora(tiny_llama(), **(CHECKPOINTED | lora))
     train(model, examples(), config=TrainConfig(max_steps=steps, batch_size=2, save_every=2), resume_from=out,
           resume_fallback=fallback, base_model_name_or_path=base)
@@ -320,7 +320,6 @@ def test_a_resume_with_other_adapter_settings_names_each_difference_and_its_flag
 
 def test_a_pissa_checkpoint_is_told_by_what_was_asked_not_the_rank_2r_it_saves(tmp_path):
     "PiSSA saves a rank-2r plain LoRA: the rank-8 plain run has the same saved config, but not the same run."
-    import lora_kit.variants  # noqa: F401
     out = checkpointed(tmp_path, init_lora_weights="pissa")
     assert json.loads((out / CHECKPOINTS / "step-000002" / "adapter_config.json").read_text())["r"] == 8
     with pytest.raises(CheckpointMismatchError, match="with rank 4, this run asks for rank 8; with alpha 8, this run asks for alpha 16; "
@@ -414,7 +413,7 @@ def cut_short_run(fault, monkeypatch, capsys, *argv) -> tuple[int, str]:
     argv = list(map(str, argv))
     if fault == "kill":
         r = subprocess.run([sys.executable, "-c", KILLED, str(Path(__file__).parent), *argv], capture_output=True, text=True,
-                           timeout=600, env=ENV)
+                           timeout=600, env=SUBPROCESS_ENV)
         return r.returncode, r.stderr
     with monkeypatch.context() as m:
         cut_short(fault, argv[0], m.setattr)
@@ -426,6 +425,7 @@ def hidden(folder:Path) -> list[str]: return sorted(p.name for p in folder.iterd
 
 
 @pytest.mark.parametrize("fault", ["full", "kill"])
+@pytest.mark.slow
 def test_an_export_cut_short_keeps_the_old_file_and_leaves_nothing_partial(fault, tmp_path, monkeypatch, capsys):
     pytest.importorskip("gguf", reason="GGUF export needs the export extra: pip install 'lora_kit[export]'")
     from lora_kit.finetune import DEMO_ADAPTER
@@ -446,6 +446,7 @@ def test_an_export_cut_short_keeps_the_old_file_and_leaves_nothing_partial(fault
 
 
 @pytest.mark.parametrize("fault", ["full", "kill"])
+@pytest.mark.slow
 def test_a_merge_cut_short_leaves_no_output_and_the_next_merge_writes_it(fault, tmp_path, monkeypatch, capsys):
     from lora_kit.finetune import DEMO_ADAPTER
     merged = tmp_path / "merged"

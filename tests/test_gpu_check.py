@@ -8,9 +8,8 @@ import pytest
 
 pytest.importorskip("bitsandbytes", reason="gpu-check measures QLoRA: pip install 'lora_kit[qlora]'")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_bundle  # noqa: E402
-import gpu_check  # noqa: E402
+import gpu_bundle
+import gpu_check
 
 no_gpu = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine, run `make gpu-check` itself")
 
@@ -21,6 +20,7 @@ def gpu_check_run(tmp_path, *args, env=None):
 
 
 @no_gpu
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     r = gpu_check_run(tmp_path, "--only", "environment,estimates,training,paths")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -49,6 +49,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 @no_gpu
+@pytest.mark.slow
 def test_a_small_budget_runs_what_fits_and_says_what_it_skipped(tmp_path):
     r = gpu_check_run(tmp_path, "--budget", "3")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -35,6 +35,7 @@ def base_7b_shapes(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_load_base_gives_a_llama2_style_tokenizer_a_pad_token(base_7b_shapes):
     saved = json.loads((base_7b_shapes / "tokenizer_config.json").read_text())
     assert saved.get("pad_token") is None  # as LLaMA-2's own tokenizer
@@ -45,6 +46,7 @@ def test_load_base_gives_a_llama2_style_tokenizer_a_pad_token(base_7b_shapes):
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
+@pytest.mark.slow
 def test_qlora_at_7b_layer_shapes_trains_saves_and_reloads(base_7b_shapes, tmp_path):
     import bitsandbytes as bnb
     model, tokenizer = load_base(str(base_7b_shapes), four_bit=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.gpu_rehearsal]
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
 

@@ -2,10 +2,9 @@
 import pytest, torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from lora_kit.core import byte_tokenizer, tiny_llama
+from lora_kit.core import tiny_llama
 from lora_kit.inject import add_lora, load_adapter, remove_lora, save_adapter
-
-IDS = byte_tokenizer()(["Selamat pagi, dunia!", "Apa kabar?"], return_tensors="pt", padding=True)
+from conftest import IDS, logits, randomize_B
 
 CASES = {  # name: (config overrides of the tiny LLaMA, target_modules, r, alpha, use_rslora)
     "q,v": ({}, ["q_proj", "v_proj"], 8, 16, False),
@@ -14,17 +13,6 @@ CASES = {  # name: (config overrides of the tiny LLaMA, target_modules, r, alpha
     "gqa 8 heads / 2 kv": (dict(num_attention_heads=8, num_key_value_heads=2), ["k_proj", "v_proj", "down_proj"], 4, 4, False),
     "r != alpha, regex": ({}, r"model\.layers\.1\.mlp\.(up|down)_proj", 6, 5, False),
 }
-
-
-def logits(model):
-    with torch.no_grad(): return model(**IDS).logits
-
-
-def randomize_B(model, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name: p.normal_(std=0.05)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,5 +1,5 @@
 "`lora-kit generate` and `lora-kit merge` as a user runs them, on a local checkpoint."
-import math, os, subprocess, sys
+import math, subprocess, sys
 
 import pytest, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -8,14 +8,14 @@ from lora_kit.core import byte_tokenizer, tiny_llama
 from lora_kit.qlora import open_adapter
 from lora_kit.tiny import generate
 from lora_kit.inject import adapter_layers, add_lora, save_adapter
+from conftest import SUBPROCESS_ENV
 
 PROMPT = "<s>Halo dunia"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def lora_kit(*args):
     return subprocess.run([sys.executable, "-m", "lora_kit.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+                          timeout=300, env=SUBPROCESS_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def adapter(tmp_path_factory):
     return save_adapter(model, root / "adapter", base_model_name_or_path=str(root / "base"))
 
 
+@pytest.mark.slow
 def test_generate_prints_the_adapted_models_greedy_text(adapter):
     r = lora_kit("generate", "--adapter", adapter, "--prompt", PROMPT, "--max-new-tokens", 12)
     assert r.returncode == 0, r.stderr
@@ -39,6 +40,7 @@ def test_generate_prints_the_adapted_models_greedy_text(adapter):
     assert r.stdout.strip() == expected and expected != generate(base, tok, [PROMPT], 12)[0]
 
 
+@pytest.mark.slow
 def test_merge_writes_a_plain_checkpoint_with_the_same_generations(adapter, tmp_path):
     r = lora_kit("merge", "--adapter", adapter, "--output", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
@@ -57,6 +59,7 @@ def test_merge_writes_a_plain_checkpoint_with_the_same_generations(adapter, tmp_
     (("merge", "--adapter", "{adapter}", "--output", "{adapter}"), "already exists"),
     (("merge", "--adapter", "{adapter}"), "the following arguments are required: --output"),
 ])
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(adapter, tmp_path, args, reason):
     r = lora_kit(*(a.format(tmp=tmp_path, adapter=adapter) for a in args))
     assert r.returncode == 2, r.stderr
@@ -102,6 +105,7 @@ def test_finetune_trains_with_the_efficient_layer_and_holds_out_with_datasets(tm
     assert {l.backward for l in adapter_layers(model).values()} == {"lean"}
 
 
+@pytest.mark.slow
 def test_cli_finetune_prints_the_summary_and_writes_the_folder(tmp_path):
     r = lora_kit("finetune", "--max-steps", 3, "--eval-examples", 10, "--output", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -7,10 +7,11 @@ function, or one in a lesson cell) is a forward use when X is exported by a late
 import ast, json, re
 from pathlib import Path
 import pytest
+from lessons import lessons  # tools/lessons.py, on the path through conftest
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS, PKG = ROOT / "nbs", ROOT / "lora_kit"
-LESSONS = sorted(p for p in NBS.glob("*.ipynb") if re.match(r"\d\d_", p.name))
+LESSONS = lessons()
 EXPORTED = {"__init__", "_modidx"}  # written by nbdev itself, not by a lesson
 
 

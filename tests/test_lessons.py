@@ -9,16 +9,15 @@
 
 Whether each lesson really runs alone from the built wheel is `tools/run_lessons.py`'s check (`make test`).
 """
-import json, re, sys, tomllib
+import json, re, tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import lessons as L  # noqa: E402
-from check_outputs import ends_on_value  # noqa: E402
-from run_lessons import source  # noqa: E402
+import lessons as L
+from check_outputs import ends_on_value
+from run_lessons import source
 
 LESSONS = L.lessons()
 REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]

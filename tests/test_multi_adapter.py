@@ -1,8 +1,5 @@
 """Many adapters on one base, checked against peft both ways: switching, several active, mixed batches (forward and
 generate), weighted combinations, peft's folder layout, hot swap under torch.compile, and training one named adapter."""
-import sys
-from pathlib import Path
-
 import pytest, torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -11,8 +8,7 @@ from lora_kit.inject import (BASE_ROW, AdapterError, adapter_folders, adapter_la
                              add_lora, add_weighted_adapter, active_adapters, delete_adapter, hotswap_adapter,
                              load_adapter, merge_lora, save_adapter, set_adapter, unmerge_lora)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_interop import IDS, logits, randomize_B  # noqa: E402
+from conftest import IDS, logits, randomize_B
 
 ADAPTERS = {  # name: (peft LoraConfig arguments)
     "default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),

@@ -2,15 +2,15 @@
 
 A folder that holds a run is refused unless `--resume` or `--overwrite` says what to do; a second run while one is
 writing is refused at once (a lock); a failed write leaves no partial adapter and says what happened."""
-import errno, json, os, signal, subprocess, sys, time
+import errno, json, signal, subprocess, sys, time
 
 import pytest
 
 from lora_kit.cli import main
 from lora_kit.core import LOCK_NAME
 from lora_kit.train import CHECKPOINTS
+from conftest import SUBPROCESS_ENV
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 QUICK = ["finetune", "--max-steps", "2", "--eval-examples", "2", "--batch-size", "2", "--save-every", "1", "--warmup-steps", "0"]
 
 
@@ -40,10 +40,11 @@ def test_a_second_run_into_a_finished_one_is_refused_then_resumed_or_overwritten
     assert not (out / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_second_run_while_one_writes_is_refused_at_once(tmp_path, capsys):
     out = tmp_path / "busy"
     first = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", "finetune", "--max-steps", "2000", "--eval-examples", "2",
-                              "--output", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              "--output", str(out)], env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (out / LOCK_NAME).exists():

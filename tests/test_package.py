@@ -2,6 +2,8 @@
 import os, re, subprocess, sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,6 +31,7 @@ print(config["r"], sorted(m for m in {stack!r} if m in sys.modules))
 """
 
 
+@pytest.mark.slow
 def test_opening_an_adapter_for_the_app_or_the_export_loads_no_training_stack():
     "Issue 29: one function opens an adapter with its base, and export and app use it without finetune, train or datasets."
     r = subprocess.run([sys.executable, "-c", OPEN_AND_USE.format(stack=TRAINING_STACK)], capture_output=True, text=True,

@@ -9,6 +9,7 @@ from peft import PeftModel
 from lora_kit.core import byte_tokenizer, count_params, tiny_llama
 from lora_kit.inject import add_lora, load_adapter, merge_lora, save_adapter
 from lora_kit.qlora import load_4bit, nf4_levels, prepare_for_kbit_training
+from conftest import SameMaskDropout, logits, worst_error
 
 BATCH = byte_tokenizer()(["Saya suka membaca buku.", "Ibu memasak nasi goreng di dapur."], return_tensors="pt", padding=True)
 LABELS = BATCH["input_ids"].masked_fill(BATCH["attention_mask"] == 0, -100)
@@ -19,10 +20,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "base"
     tiny_llama(num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
     return str(path)
-
-
-def logits(model):
-    with torch.no_grad(): return model(**BATCH).logits
 
 
 def test_train_save_reload_same_logits(checkpoint, tmp_path):
@@ -41,10 +38,10 @@ def test_train_save_reload_same_logits(checkpoint, tmp_path):
     model.eval()
     save_adapter(model, tmp_path)
     reloaded = load_adapter(load_4bit(checkpoint), tmp_path)
-    assert (logits(reloaded) - logits(model)).abs().max() < 1e-5
+    assert (logits(reloaded, BATCH) - logits(model, BATCH)).abs().max() < 1e-5
     # peft reads the same folder onto its own 4-bit base and computes the same logits
     theirs = PeftModel.from_pretrained(load_4bit(checkpoint), tmp_path)
-    assert (logits(theirs) - logits(model)).abs().max() < 1e-4
+    assert (logits(theirs, BATCH) - logits(model, BATCH)).abs().max() < 1e-4
 
 
 def test_4bit_model_counts_and_quantizes_every_linear_but_the_head(checkpoint):
@@ -74,6 +71,7 @@ except MissingExtraError as e: print(isinstance(e, ImportError), e)
 """
 
 
+@pytest.mark.slow
 def test_missing_bitsandbytes_is_the_kits_error_and_says_how_to_install():
     r = subprocess.run([sys.executable, "-c", MISSING], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -86,7 +84,6 @@ from lora_kit.efficient import SavedTensorLog
 from lora_kit.inject import adapter_layers, plain_path_reasons
 from lora_kit.layers import dense_weight
 from lora_kit.qlora import require_bitsandbytes
-from test_efficient import SameMaskDropout, worst_error  # the same mask draw and error measure as the fp16/bf16 tests
 
 IDS = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(0))
 
@@ -178,6 +175,7 @@ print(layer.plain_reason("default"), type(out.grad_fn).__name__, "lora_kit.qlora
 """
 
 
+@pytest.mark.slow
 def test_dense_weight_of_a_4bit_layer_is_bitsandbytes_dequantization_and_its_adapter_trains_lean(checkpoint):
     bnb = require_bitsandbytes()  # still there: import bitsandbytes or say how to install it
     from bitsandbytes.functional import dequantize_4bit

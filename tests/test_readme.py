@@ -1,10 +1,10 @@
 "README.md is generated from nbs/index.ipynb and must say what the repository holds."
-import re, sys
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import readme  # noqa: E402
+import readme
+from lessons import lessons
 
 
 def test_readme_in_step_with_index_notebook():
@@ -24,5 +24,4 @@ def test_ci_runs_the_readme_test_command():
 def test_every_lesson_is_listed_with_a_colab_link_and_every_link_exists():
     text = (ROOT / "README.md").read_text()
     linked = set(re.findall(r"colab\.research\.google\.com/github/[^)]*/blob/main/nbs/([\w.-]+\.ipynb)", text))
-    lessons = {p.name for p in (ROOT / "nbs").glob("*.ipynb") if p.name != "index.ipynb"}
-    assert linked == lessons
+    assert linked == {p.name for p in lessons()}

@@ -12,11 +12,9 @@ from lora_kit.core import LoraKitError, WriteError, partial_folder, tiny_llama
 from lora_kit.inject import adapter_state_dict, add_lora
 from lora_kit.layers import LoRALinear
 from lora_kit.train import CHECKPOINTS, NonFiniteLossError, TrainConfig, checkpoints, latest_checkpoint, train
+from conftest import SUBPROCESS_ENV
+from train_worker import examples
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_worker import examples  # noqa: E402
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 KILLED_RUNS = r"""
 import json, os, signal, sys, traceback
@@ -88,6 +86,7 @@ def assert_same(a, b):
     for k in a: assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_sigkill_at_five_points_then_resume_equals_uninterrupted(tmp_path):
     """One run killed (SIGKILL) five times, each time at another point: mid-step, while a checkpoint's optimizer state or
     its adapter is half written, just after a checkpoint, after the last one; resumed after each kill. Every checkpoint and
@@ -95,7 +94,7 @@ def test_sigkill_at_five_points_then_resume_equals_uninterrupted(tmp_path):
     everything once, so the seven runs take seconds."""
     points = [[point, at] for point, at, _ in KILL_POINTS]
     r = subprocess.run([sys.executable, "-c", KILLED_RUNS, str(Path(__file__).parent), str(tmp_path), json.dumps(points)],
-                       capture_output=True, text=True, timeout=600, env=ENV)
+                       capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["straight"] == 0 and report["resumed"] == 0, r.stderr[-3000:]
@@ -126,7 +125,7 @@ def test_broken_latest_checkpoint_is_an_error_or_falls_back(tmp_path):
     with pytest.raises(LoraKitError, match="step-000008 cannot be resumed from"):
         train(fresh(), examples(), config=cfg, resume_from=tmp_path)
     with pytest.warns(UserWarning, match="Falling back to step-000004"):
-        resumed = train(model := fresh(), examples(), config=cfg, resume_from=tmp_path, resume_fallback=True)
+        train(model := fresh(), examples(), config=cfg, resume_from=tmp_path, resume_fallback=True)
     for a, b in zip(straight.parameters(), model.parameters()): assert torch.allclose(a, b, atol=1e-6)
 
 

@@ -1,13 +1,12 @@
 "What every lesson stores is evidence a reader can trust: tools/check_outputs.py over every lesson, and the checker itself."
-import json, sys
+import json
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import check_outputs  # noqa: E402
-from run_lessons import record_sources  # noqa: E402
+import check_outputs
+from run_lessons import record_sources
 
 
 @pytest.mark.parametrize("lesson", [p.name for p in check_outputs.lessons()])

@@ -18,6 +18,7 @@ def rows(split):
     return [json.loads(line) for line in demo_path(split).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_installed_package_loads_base_and_demo_data_offline(tmp_path):
     "`pip install` the package, then load the base and the demo data from the installed copy with no network."
     target = tmp_path / "site"

@@ -1,5 +1,5 @@
 "The training loop: its settings, its loss, its layers and optimizer groups, and two processes (torchrun, gloo on CPU) matching one."
-import copy, json, math, os, socket, subprocess, sys
+import copy, json, math, socket, subprocess, sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,12 +14,11 @@ from lora_kit.data import collate
 from lora_kit.inject import adapter_layers, adapter_state_dict, add_lora, plain_path_reasons
 from lora_kit.layers import LoRALinear
 from lora_kit.train import CHECKPOINTS, TrainConfig, loss_sum, optimizer_groups, train
+from conftest import SUBPROCESS_ENV
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_worker import examples  # noqa: E402
+from train_worker import examples
 
 WORKER = Path(__file__).with_name("train_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 BAD_SETTINGS = [  # (field, refused value): every field of TrainConfig at least once
     ("max_steps", 0), ("max_steps", 2.5), ("max_steps", True), ("batch_size", 0), ("grad_accum", -1),
@@ -162,7 +161,7 @@ def free_port() -> int:
 
 
 def run(cmd, tmp):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV, cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -180,6 +179,7 @@ def runs(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(runs):
     single = json.loads((runs / "single" / "rank0" / "result.json").read_text())
     ddp = [json.loads((runs / "ddp" / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]

@@ -5,15 +5,15 @@ stops `lora-kit finetune` with exit 2 and one line that names --max-length.
 
 Every expected token comes from the tokenizer itself (the tiny base's, whatever its vocabulary): the reply tokenized
 on its own, the prompt written out by hand; long texts are grown until the tokenizer says they are long enough."""
-import json, os, re, subprocess, sys, warnings
+import json, re, subprocess, sys, warnings
 
 import pytest
 from transformers import AutoTokenizer
 
 from lora_kit.data import ALPACA_PREAMBLE, DataError, load_instructions, tokenize_dataset, tokenize_messages
 from lora_kit.tiny import base_path
+from conftest import SUBPROCESS_ENV
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 INSTRUCTION, SENTENCE, REPLY = "Translate to Indonesian:", "the cat eats the fish.", "kucing itu makan ikan itu."
 SYSTEM = "You are a careful translator. Answer with the Indonesian sentence only."
 MAX_LENGTH = 96
@@ -127,10 +127,11 @@ def test_nothing_left_is_a_data_error_whose_suggested_length_works(tok, tmp_path
 
 def lora_kit(*args):
     return subprocess.run([sys.executable, "-m", "lora_kit.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+                          timeout=300, env=SUBPROCESS_ENV)
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
+@pytest.mark.slow
 def test_cli_exits_2_with_one_line_when_a_split_has_nothing_left(tok, tmp_path, split):
     briefed, short = write(tmp_path / "briefed.jsonl", rows(tok, briefed=4)), write(tmp_path / "short.jsonl", rows(tok, short=4))
     train, held_out = (briefed, short) if split == "train" else (short, briefed)
@@ -142,6 +143,7 @@ def test_cli_exits_2_with_one_line_when_a_split_has_nothing_left(tok, tmp_path, 
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_cli_finetune_on_long_prompts_learns_from_the_replies_and_counts_them(tok, tmp_path):
     "The issue's case: long prompts used to leave no reply token, so eval loss 0.000 -> 0.000 and nothing learned."
     train = write(tmp_path / "train.jsonl", rows(tok, short=6, long=4, briefed=2))

@@ -10,13 +10,13 @@ from torch import nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from lora_kit.core import ConfigError, byte_tokenizer, tiny_llama
+from lora_kit.core import ConfigError, tiny_llama
 from lora_kit.layers import LoRALinear
 from lora_kit.inject import (adapter_layers, add_lora, load_adapter, load_adapter_weights, lora_disabled, merge_lora,
                              plain_path_reasons, remove_lora, save_adapter, set_backward, unmerge_lora)
 from lora_kit.variants import DoRA, pissa_factors
+from conftest import IDS, logits
 
-IDS = byte_tokenizer()(["Selamat pagi, dunia!", "Apa kabar?"], return_tensors="pt", padding=True)
 
 CASES = {  # name: (tiny LLaMA overrides, target_modules, r, alpha, use_rslora)
     "q,v gqa": ({}, ["q_proj", "v_proj"], 8, 16, False),
@@ -24,10 +24,6 @@ CASES = {  # name: (tiny LLaMA overrides, target_modules, r, alpha, use_rslora)
     "rslora": ({}, ["q_proj", "k_proj", "v_proj", "o_proj"], 8, 8, True),
     "8 heads / 2 kv, mlp": (dict(num_attention_heads=8, num_key_value_heads=2), ["k_proj", "v_proj", "down_proj"], 4, 4, False),
 }
-
-
-def logits(model):
-    with torch.no_grad(): return model(**IDS).logits
 
 
 def trained(model, seed=0, std=0.05):
@@ -286,6 +282,7 @@ def run_python(code):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_without_importing_lora_kit_variants_dora_works(tmp_path):
     ids = torch.arange(5, 13)[None]
     save_adapter(trained(add_lora(tiny_llama(), ["q_proj"], r=4, alpha=8, use_dora=True)), tmp_path)
@@ -304,6 +301,7 @@ def test_without_importing_lora_kit_variants_dora_works(tmp_path):
     assert torch.allclose(torch.tensor(found["logits"]), want, atol=1e-5)  # peft's logits for the same file
 
 
+@pytest.mark.slow
 def test_the_finetune_module_loads_dora_adapters(tmp_path):
     save_adapter(trained(add_lora(tiny_llama(), ["q_proj"], r=4, alpha=8, use_dora=True)), tmp_path)
     r = run_python("import lora_kit.finetune; from lora_kit.core import tiny_llama; from lora_kit.inject import load_adapter, adapter_layers\n"
@@ -312,6 +310,7 @@ def test_the_finetune_module_loads_dora_adapters(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--dora"], ["--init", "pissa"]])
+@pytest.mark.slow
 def test_finetune_cli_trains_a_variant_whose_adapter_peft_loads(flags, tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "lora_kit.cli", "finetune", *flags, "--max-steps", "2", "--eval-examples", "2",
@@ -332,6 +331,7 @@ def test_finetune_cli_trains_a_variant_whose_adapter_peft_loads(flags, tmp_path)
 @pytest.mark.parametrize("args, message", [(["finetune", "--init", "olora"], "init_lora_weights='olora'"),
                                            (["finetune", "--dora", "--4bit"], "16 or 32 bits"),
                                            (["estimate", "--dora", "--method", "qlora"], "DoRA")])
+@pytest.mark.slow
 def test_cli_refuses_variants_it_cannot_run_in_one_line(args, message):
     r = subprocess.run([sys.executable, "-m", "lora_kit.cli", *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -346,6 +346,7 @@ def test_estimate_cli_counts_dora():
     assert dora["flops_per_step"] - lora["flops_per_step"] == 32 * 2 * (2 * 8 * 4096 * 4096)  # B·A per layer and target
 
 
+@pytest.mark.slow
 def test_dora_trains_like_peft_dora_in_the_training_job():
     "The same start, data and optimizer: lora_kit's training loop gives the same losses with either DoRA implementation."
     from functools import partial

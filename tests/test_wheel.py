@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-from run_lessons import WIDGET_MIME, directives, run, skipped, strip_widget_state  # noqa: E402
+from run_lessons import WIDGET_MIME, directives, run, skipped, strip_widget_state
 
 RUNNER = ROOT / "tools" / "run_lessons.py"
 

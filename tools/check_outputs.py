@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse, ast, json, re, sys
 from pathlib import Path
 
-from run_lessons import DIGEST_KEY, digest, directives, lessons, source  # the tool that stores the outputs
+from lessons import lessons
+from run_lessons import DIGEST_KEY, digest, directives, source  # the tool that stores the outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_CHARS = 4000

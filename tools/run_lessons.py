@@ -32,6 +32,8 @@ import argparse, hashlib, json, os, re, shutil, signal, subprocess, sys, tempfil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from lessons import lessons  # tools/lessons.py: the one list of lessons
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS, NBS = ROOT / "tools", ROOT / "nbs"
 PACKAGE = "lora_kit"
@@ -71,11 +73,6 @@ def skipped(cell) -> bool:
     if cell["cell_type"] != "code": return True
     d = directives(cell)
     return "slow" in d or d.get("eval", "").lower() == "false"
-
-
-def lessons() -> list[Path]:
-    "The numbered lesson notebooks, in reading order."
-    return sorted(p for p in NBS.glob("*.ipynb") if re.match(r"\d\d_", p.name))
 
 
 def strip_widget_state(nb: dict) -> dict:
