@@ -7,7 +7,7 @@ Docs: https://lora-kit.github.io/lora_kit/efficient.html.md"""
 # %% auto #0
 __all__ = ['SavedTensor', 'SavedTensorLog', 'dropout_keep_mask', 'dropout_keep_scale', 'autocast_dtype', 'autocast_off',
            'LoRAFunction', 'lean_forward', 'flop_formulas', 'count_flops', 'LinearCrossEntropy',
-           'chunked_cross_entropy', 'causal_lm_loss']
+           'chunked_cross_entropy', 'next_token_targets', 'count_targets', 'plain_head_weight', 'causal_lm_loss']
 
 # %% ../nbs/06_efficient.ipynb #4c35b3ff
 import math, sys
@@ -226,6 +226,28 @@ def chunked_cross_entropy(hidden:torch.Tensor, # (..., hidden) final hidden stat
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                     chunk_size, ignore_index, reduction, grads)
 
+# %% ../nbs/06_efficient.ipynb #7a3e51c0
+def next_token_targets(labels:torch.Tensor, # (..., seq) token ids, -100 where no loss is wanted
+                       ignore_index:int=-100,
+                      ) -> torch.Tensor:
+    "What each position predicts: the label of the next position; `ignore_index` at the last, which nothing follows."
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+def count_targets(labels:torch.Tensor, # (..., seq) as for `next_token_targets`
+                  ignore_index:int=-100,
+                 ) -> torch.Tensor:
+    "How many positions of `labels` have a next-token target: what a summed next-token loss is divided by."
+    return (next_token_targets(labels, ignore_index) != ignore_index).sum()
+
+def plain_head_weight(model:nn.Module, # a `...ForCausalLM`
+                      fix:str, # what the error tells the user to do instead
+                     ) -> torch.Tensor:
+    "The weight of `model`'s output head, which the chunked loss multiplies by; a `ConfigError` ending on `fix` unless the head is a plain bias-free `nn.Linear`."
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise ConfigError(f"The chunked loss needs a plain bias-free nn.Linear output head, not {type(head).__name__}: {fix}")
+    return head.weight
+
 # %% ../nbs/06_efficient.ipynb #b2c10db4
 def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibly with LoRA adapters
                    input_ids:torch.Tensor, # (batch, seq)
@@ -236,10 +258,6 @@ def causal_lm_loss(model:nn.Module, # a `...ForCausalLM` (LLaMA family), possibl
                   ) -> torch.Tensor:
     "The next-token loss `model(input_ids, labels=labels).loss` computes, without the full logits."
     if hasattr(model, "get_base_model"): model = model.get_base_model()  # a peft `PeftModel`: the model it wraps
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or head.bias is not None:
-        raise ConfigError(f"causal_lm_loss needs a plain bias-free nn.Linear output head, not {type(head).__name__}: "
-                         f"use model(input_ids, labels=labels).loss for this model.")
+    weight = plain_head_weight(model, "use model(input_ids, labels=labels).loss for this model.")
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return chunked_cross_entropy(hidden, head.weight, targets, chunk_size, reduction=reduction)
+    return chunked_cross_entropy(hidden, weight, next_token_targets(labels), chunk_size, reduction=reduction)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 import torch
-import torch.nn.functional as F
 from torch import nn
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel, set_seed
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from .core import (ConfigError, LoraKitError, WriteError, atomic_folder, count_params, partial_folder, write_error,
                            write_failure)
 from .data import collate
-from .efficient import chunked_cross_entropy
+from .efficient import chunked_cross_entropy, count_targets, next_token_targets, plain_head_weight
 from .inject import (CONFIG_NAME, active_adapters, adapter_folders, adapter_layers, plain_path_reasons, save_adapter,
                              load_adapter_weights, set_adapter, set_backward)
 
@@ -43,18 +42,14 @@ def loss_sum(model:nn.Module, # a `...ForCausalLM` (LLaMA family), maybe in `Dis
             ) -> tuple[torch.Tensor, torch.Tensor]:
     "Summed next-token cross-entropy over target tokens (labels ≠ −100), and their count; never the full logits."
     lm = language_model(model)
-    head = lm.get_output_embeddings()
-    if type(head) is not nn.Linear or head.bias is not None:
-        raise ConfigError(f"Training needs a plain bias-free nn.Linear output head, not {type(head).__name__}: "
-                          f"leave lm_head out of the adapter's target_modules.")
+    weight = plain_head_weight(lm, "leave lm_head out of the adapter's target_modules.")
     caught = {}
     hook = lm.base_model.register_forward_hook(lambda module, inputs, out: caught.update(hidden=out.last_hidden_state))
     no_positions = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     try: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=no_positions)
     finally: hook.remove()
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    loss = chunked_cross_entropy(caught["hidden"], head.weight, targets, chunk_size, reduction="sum")
-    return loss, (targets != -100).sum()
+    loss = chunked_cross_entropy(caught["hidden"], weight, next_token_targets(batch["labels"]), chunk_size, reduction="sum")
+    return loss, count_targets(batch["labels"])
 
 # %% ../nbs/10_train.ipynb #ae83c018
 def step_indices(step:int, # optimizer step, from 0
@@ -350,8 +345,6 @@ def enable_gradient_checkpointing(model:nn.Module, # a 🤗 transformers model
     return model
 
 # %% ../nbs/10_train.ipynb #4141b1dc
-def _targets(examples, indices): return sum(sum(1 for t in examples[i]["labels"][1:] if t != -100) for i in indices)
-
 def train(model, # a model with LoRA adapters (or any model: whatever has requires_grad trains)
           train_examples:list[dict], # tokenized: `input_ids` and `labels` per example
           eval_examples:list[dict]|None=None,
@@ -395,11 +388,11 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     for step in bar:
         t0 = time.perf_counter()
         micro = step_indices(step, len(train_examples), config.batch_size, config.grad_accum, world_size, config.seed)
-        n_targets = sum(_targets(train_examples, idx) for m in micro for idx in m)
+        batches = [{k: v.to(accelerator.device) for k, v in collate_fn([train_examples[i] for i in per_process[process_index]]).items()}
+                   for per_process in micro]
+        n_targets = accelerator.reduce(sum(count_targets(b["labels"]) for b in batches), "sum").item()  # all processes' micro-batches
         step_loss = 0.0
-        for m, per_process in enumerate(micro):
-            examples = [train_examples[i] for i in per_process[process_index]]
-            batch = {k: v.to(accelerator.device) for k, v in collate_fn(examples).items()}
+        for m, batch in enumerate(batches):
             last = m == len(micro) - 1
             with accelerator.no_sync(model) if not last else torch.enable_grad():
                 with accelerator.autocast(): total, _ = loss_sum(model, batch)

@@ -13,7 +13,7 @@ from lora_kit.core import ConfigError, LoraKitError, tiny_llama
 from lora_kit.data import collate
 from lora_kit.inject import adapter_layers, adapter_state_dict, add_lora, plain_path_reasons
 from lora_kit.layers import LoRALinear
-from lora_kit.train import CHECKPOINTS, TrainConfig, loss_sum, optimizer_groups, train
+from lora_kit.train import CHECKPOINTS, TrainConfig, loss_sum, optimizer_groups, step_indices, train
 from conftest import SUBPROCESS_ENV
 
 from train_worker import examples
@@ -96,6 +96,22 @@ def test_loss_sum_refuses_an_adapted_output_head_naming_the_fix():
     model = add_lora(tiny_llama(), ["lm_head"], r=2)
     with pytest.raises(ConfigError, match="not LoRALinear: leave lm_head out of the adapter's target_modules"):
         loss_sum(model, collate(examples()[:2], pad_token_id=0))
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_loss_is_divided_by_the_targets_of_the_batches_collate_fn_makes(grad_accum):
+    "A collate_fn that cuts examples short leaves fewer targets than the examples hold: the loop counts the collated ones."
+    cut_short = lambda batch: collate([dict(input_ids=e["input_ids"][:19], labels=e["labels"][:19]) for e in batch], pad_token_id=0)
+    model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=2)
+    reference = copy.deepcopy(model)
+    config = TrainConfig(max_steps=1, batch_size=2, grad_accum=grad_accum, lr=1e-3)
+    loss = train(model, examples(), config=config, collate_fn=cut_short)["history"][0]["loss"]
+    picked = [[examples()[i] for i in m[0]] for m in step_indices(0, len(examples()), 2, grad_accum, seed=config.seed)]
+    micro = [cut_short(exs) for exs in picked]
+    counts = [(b["labels"][:, 1:] != -100).sum().item() for b in micro]  # Hugging Face's own count: labels shifted by one
+    with torch.no_grad(): means = [reference(**b).loss.item() for b in micro]  # Hugging Face's mean over each batch
+    assert sum(counts) < sum(sum(t != -100 for t in e["labels"][1:]) for exs in picked for e in exs)  # the cut drops targets
+    assert loss == pytest.approx(sum(m * n for m, n in zip(means, counts)) / sum(counts), rel=1e-5)
+
 
 PLAIN_ASKED = "backward='plain' was asked for"
 
