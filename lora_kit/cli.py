@@ -6,11 +6,11 @@ Docs: https://lora-kit.github.io/lora_kit/cli.html.md"""
 
 # %% auto #0
 __all__ = ['FLAGS', 'ADAPTER_NAMING', 'SUBCOMMANDS', 'EXIT_CODES', 'UsageError', 'estimate_args', 'format_estimate',
-           'finetune_config', 'GivenAdapter', 'adapters_in', 'unique_name', 'given_adapters', 'shared_base',
-           'open_adapters', 'side_by_side', 'build_parser', 'main']
+           'finetune_config', 'GivenAdapter', 'adapters_in', 'unique_name', 'given_adapters', 'side_by_side',
+           'build_parser', 'main']
 
 # %% ../nbs/17_cli.ipynb #45f873c0
-import argparse, json, math, os, re, sys, warnings
+import argparse, json, os, re, sys, warnings
 from contextlib import contextmanager
 from itertools import chain, count
 from pathlib import Path
@@ -181,29 +181,7 @@ def given_adapters(folders:list[str], # the `--adapter` values, in order
     for given in folders:
         for folder in adapters_in(given).values():
             found.append(GivenAdapter(unique_name(folder, taken), folder, read_adapter_config(folder)))
-            taken.add("default")  # the model's name of the first adapter (`open_adapter`'s): no later one may take it
     return found
-
-def shared_base(adapters:list[GivenAdapter], model:str|None=None, # `--model`: the base for all of them
-               ) -> str|None:
-    "The one base `adapters` run on: `model` when given, else the base their configs name; two bases are a `UsageError`."
-    if model: return model
-    bases = {}
-    for a in adapters: bases.setdefault(a.config.get("base_model_name_or_path"), a.folder)
-    if len(bases) > 1:
-        (base, folder), (other, other_folder) = list(bases.items())[:2]
-        raise UsageError(f"lora-kit generate: the adapters name different bases: --adapter {folder} names {base or 'none'}, "
-                         f"{other_folder} names {other or 'none'}; pass --model to run them all on one base, or run them separately.")
-    return next(iter(bases))  # None: `open_adapter` says to pass --model
-
-def open_adapters(adapters:list[GivenAdapter], base:str|None, four_bit:bool=False) -> tuple:
-    "`(model, tokenizer, names)`: `base` loaded once with every adapter, in eval mode; `names[i]`: the model's name of `adapters[i]`."
-    from lora_kit.inject import load_adapter
-    from lora_kit.qlora import open_adapter  # no training stack: generating starts sooner
-    first, *others = adapters
-    model, tokenizer, _ = open_adapter(first.folder, model=base, four_bit=four_bit, config=first.config)  # as "default"
-    for a in others: load_adapter(model, a.folder, adapter_name=a.name, config=a.config)
-    return model.eval(), tokenizer, ["default", *(a.name for a in others)]  # eval again: the added adapters' dropout off
 
 def side_by_side(labels:list[str], replies:list[str]) -> str:
     "One block per reply under its `== label ==`, blocks a blank line apart."
@@ -212,11 +190,14 @@ def side_by_side(labels:list[str], replies:list[str]) -> str:
 # %% ../nbs/17_cli.ipynb #0913e788
 def _generate(args):
     from lora_kit.inject import BASE_ROW, adapter_per_row
+    from lora_kit.qlora import open_adapters, shared_base  # no training stack: generating starts sooner
     from lora_kit.tiny import generate
     adapters = given_adapters(args.adapter)
-    base = shared_base(adapters, args.model)
-    model, tokenizer, names = open_adapters(adapters, base, args.four_bit)
-    rows = [BASE_ROW] * args.base + names
+    base = args.model or shared_base({f"--adapter {a.folder}": a.config for a in adapters},
+                                     "pass --model to run them all on one base, or run them separately.")
+    model, tokenizer, _ = open_adapters({a.name: a.folder for a in adapters}, base, args.four_bit,
+                                        configs={a.name: a.config for a in adapters})
+    rows = [BASE_ROW] * args.base + [a.name for a in adapters]
     ask = lambda: generate(model, tokenizer, [args.prompt] * len(rows), args.max_new_tokens, args.temperature, args.top_p)
     if len(rows) == 1: return print(ask()[0])  # one adapter: its reply alone
     with adapter_per_row(model, rows): replies = ask()  # one batch, row i through adapter rows[i]

@@ -8,7 +8,7 @@ Docs: https://lora-kit.github.io/lora_kit/qlora.html.md"""
 __all__ = ['DEMO_ADAPTER', 'keep_trainable_layout', 'require_bitsandbytes', 'nf4_levels', 'quantize_nf4', 'dequantize_nf4',
            'relative_error', 'int8_roundtrip', 'bits_per_param', 'default_compute_dtype', 'mixed_precision',
            'nf4_config', 'load_4bit', 'prepare_for_kbit_training', 'parameter_bytes', 'resolve_model', 'load_base',
-           'open_adapter']
+           'shared_base', 'open_adapters', 'open_adapter']
 
 # %% ../nbs/11_qlora.ipynb #ecaf0c52
 from pathlib import Path
@@ -158,18 +158,42 @@ def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
 # %% ../nbs/11_qlora.ipynb #e0e5c2db
 DEMO_ADAPTER = asset_path("demo_adapter")  # made by `lora_kit.finetune.build_demo_adapter` (lesson 12)
 
+def shared_base(configs:dict[str, dict], # how the message names each adapter -> its config
+                fix:str="name the base they all go into (`model=`), or open them apart.", # the end of the error
+               ) -> str|None:
+    "The base every config names (None when none names one), or a `ConfigError` naming two adapters whose bases differ, ending on `fix`."
+    bases = {}
+    for label, config in configs.items(): bases.setdefault(config.get("base_model_name_or_path"), label)
+    if len(bases) > 1:
+        (base, label), (other, other_label) = list(bases.items())[:2]
+        raise ConfigError(f"The adapters name different bases: {label} names {base!r}, {other_label} names {other!r}; {fix}")
+    return next(iter(bases))
+
+def open_adapters(adapters:dict[str, str|Path], # adapter name -> its folder (peft format), in loading order
+                  model:str|None=None, # the base, overriding the one the adapters name
+                  four_bit:bool=False, # load the base in NF4 (QLoRA)
+                  dtype:torch.dtype|None=None, # the base's dtype (see `load_base`)
+                  configs:dict[str, dict]|None=None, # the adapters' configs by name, when the caller has read them already
+                  check=None, # `check(configs, base_name)`, run before any weights load; raises to refuse
+                 ) -> tuple:
+    "`(model, tokenizer, configs)`: one base loaded once with every adapter under its name, in eval mode; the tokenizer they trained with."
+    configs = configs or {name: read_adapter_config(folder) for name, folder in adapters.items()}
+    name = model or shared_base({repr(n): c for n, c in configs.items()})
+    if not name: raise ConfigError(f"{next(iter(adapters.values()))}: {CONFIG_NAME} names no base_model_name_or_path; "
+                                   "pass --model with the base it was trained on.")
+    if check: check(configs, name)
+    base, tokenizer = load_base(name, four_bit=four_bit, dtype=dtype)
+    if saved := next((f for f in adapters.values() if (Path(f) / "tokenizer_config.json").exists()), None):
+        tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(saved))
+    for adapter_name, folder in adapters.items(): load_adapter(base, folder, adapter_name=adapter_name, config=configs[adapter_name])
+    return base.eval(), tokenizer, configs
+
 def open_adapter(adapter:str|Path, # an adapter folder (peft format)
-                 model:str|None=None, # the base, overriding the one the adapter names
-                 four_bit:bool=False, # load the base in NF4 (QLoRA)
-                 dtype:torch.dtype|None=None, # the base's dtype (see `load_base`)
+                 model:str|None=None, four_bit:bool=False, dtype:torch.dtype|None=None, # as for `open_adapters`
                  config:dict|None=None, # the adapter's config, when the caller has read it already
                  check=None, # `check(config, base_name)`, run before any weights load; raises to refuse
                 ) -> tuple:
-    "`(model, tokenizer, config)`: the adapter's base with the adapter loaded, in eval mode; the tokenizer it trained with; its config."
-    config = config or read_adapter_config(adapter)
-    name = model or config.get("base_model_name_or_path")
-    if not name: raise ConfigError(f"{adapter}: {CONFIG_NAME} names no base_model_name_or_path; pass --model with the base it was trained on.")
-    if check: check(config, name)
-    base, tokenizer = load_base(name, four_bit=four_bit, dtype=dtype)
-    if (Path(adapter) / "tokenizer_config.json").exists(): tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(adapter))
-    return load_adapter(base, adapter, config=config).eval(), tokenizer, config
+    "`(model, tokenizer, config)`: `open_adapters` of the one adapter, as `default`."
+    model, tokenizer, configs = open_adapters({"default": adapter}, model, four_bit, dtype, config and {"default": config},
+                                              check and (lambda configs, name: check(configs["default"], name)))
+    return model, tokenizer, configs["default"]

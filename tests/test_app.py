@@ -202,9 +202,10 @@ def test_bad_input_shows_what_is_wrong_and_keeps_running(page, tmp_path, case, e
 
 def test_an_unknown_base_name_is_refused_without_loading(monkeypatch):
     "The check asks the Hub once (no retry loop): the loader, which retries offline, is never reached."
-    monkeypatch.setattr(app, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    import lora_kit.qlora
+    monkeypatch.setattr(lora_kit.qlora, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))  # open_adapters' loader
     with pytest.raises(ConfigError, match="llama-tiny"):
-        app.open_adapters(DEMO_ADAPTER, "llama-tiny")
+        app.open_folder(DEMO_ADAPTER, "llama-tiny")
 
 
 def test_shipped_metrics_carry_no_machine_paths():
@@ -307,8 +308,9 @@ def test_a_folder_of_adapters_gets_a_picker_of_each_and_the_base(page, two_adapt
 def test_picking_an_adapter_answers_as_that_adapter_alone(page, two_adapters, alone, tmp_path, monkeypatch):
     "Each pick gives the reply of that adapter loaded on its own; merging merges the picked one only; the base loads once."
     folder = shutil.copytree(two_adapters, tmp_path / "adapters")  # a folder the page has not cached yet
-    loads, real_load = [], app.load_base
-    monkeypatch.setattr(app, "load_base", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    import lora_kit.qlora
+    loads, real_load = [], lora_kit.qlora.load_base
+    monkeypatch.setattr(lora_kit.qlora, "load_base", lambda *a, **k: loads.append(a) or real_load(*a, **k))  # counted
     at = page(str(folder))
     for choice, merged in (("weak", False), ("default", False), ("weak", True), (app.BASE_CHOICE, False)):
         at.sidebar.selectbox(key="adapter").select(choice).run()
@@ -326,7 +328,7 @@ def test_picking_an_adapter_answers_as_that_adapter_alone(page, two_adapters, al
 
 
 def test_merging_merges_the_picked_adapter_only(two_adapters):
-    model, _ = app.open_adapters(two_adapters)
+    model, _ = app.open_folder(two_adapters)
     with app.as_form(model, "merged", "weak"):
         assert {tuple(layer.merged_adapters) for layer in adapter_layers(model).values()} == {("weak",)}
         assert active_adapters(model) == ["weak"]
@@ -357,7 +359,7 @@ def test_adapters_of_different_bases_are_refused_naming_both(page, two_adapters,
 def test_adapters_in_subfolders_only_are_named_after_them(page, tmp_path):
     "A folder that holds no adapter itself, only subfolders that do (`lora-kit finetune` run twice): no 'default'."
     for name in ("en-id", "id-en"): shutil.copytree(DEMO_ADAPTER, tmp_path / name)
-    assert adapter_names(app.open_adapters(tmp_path)[0]) == ["en-id", "id-en"]
+    assert adapter_names(app.open_folder(tmp_path)[0]) == ["en-id", "id-en"]
     assert page(str(tmp_path)).sidebar.selectbox(key="adapter").options == ["en-id", "id-en", app.BASE_CHOICE]
 
 

@@ -278,7 +278,7 @@ def test_adapters_on_different_bases_exit_2_naming_both_unless_model_is_given(ad
     demo, on_copy = adapters["demo"], adapters["on-copy"]
     r = generate_with(capsys, "--adapter", str(demo), "--adapter", str(on_copy))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == ""
-    assert f"names tiny, {on_copy} names {adapters['base-copy']}" in r.stderr
+    assert f"--adapter {demo} names 'tiny', --adapter {on_copy} names '{adapters['base-copy']}'" in r.stderr
     assert "pass --model" in r.stderr and "run them separately" in r.stderr
     r = generate_with(capsys, "--adapter", str(demo), "--adapter", str(on_copy), "--model", "tiny")
     assert r.returncode == 0, r.stderr
