@@ -9,7 +9,7 @@ __all__ = ['MIXED_BASES', 'FORMS', 'TIMED_TOKENS', 'REPEATS', 'ENV_MODEL', 'ENV_
            'MODEL_LOCK', 'PAGE_SCRIPT', 'find_adapters', 'saved_shapes', 'shape_problem', 'check_base_name',
            'check_fits', 'open_folder', 'adapter_variant', 'adapter_summary', 'headline', 'prompt_text', 'fit_prompt',
            'timed_tokens', 'merged_adapters', 'as_form', 'latency', 'compare', 'latency_rows', 'side_by_side',
-           'rank_choices', 'adapted_suffixes', 'efficiency', 'memory_unit', 'memory_chart', 'assumptions', 'fit_rows',
+           'rank_choices', 'adapted_suffixes', 'memory_unit', 'memory_chart', 'assumptions', 'fit_rows',
            'markdown_table', 'pick_adapter', 'reply_titles', 'show_result', 'generate_tab', 'efficiency_tab',
            'adapter_tab', 'render', 'serve']
 
@@ -276,20 +276,12 @@ def adapted_suffixes(model, adapter:str|None=None, # None: any adapter
     return sorted({name.rsplit(".", 1)[-1] for name, layer in adapter_layers(model).items()
                    if adapter is None or adapter in layer.adapter_names})
 
-def efficiency(model:str|LlamaConfig, # a name in `accounting.MODEL_PRESETS`, or the running base's config
-               rank:int=8, targets=("q_proj", "v_proj"), precision:str="bf16", seq_len:int=512, batch_size:int=1,
-               grad_checkpointing:bool=False) -> dict:
-    "`{method: accounting.estimate(...)}`: one training step of full fine-tuning, LoRA and QLoRA with the same setup."
-    setup = dict(rank=rank, targets=targets, precision=precision, seq_len=seq_len, batch_size=batch_size,
-                 grad_checkpointing=grad_checkpointing)
-    return {method: accounting.estimate(model, method, **setup) for method in accounting.METHODS}
-
 # %% ../nbs/16_app.ipynb #19e28429
 def memory_unit(n_bytes:float) -> tuple[str, int]:
     "`(name, bytes)` of the unit for a size: GiB from 1 GiB up, MiB below (a change of rank on a small base stays visible)."
     return ("GiB", 2**30) if n_bytes >= 2**30 else ("MiB", 2**20)
 
-def memory_chart(estimates:dict, # `efficiency(...)`
+def memory_chart(estimates:dict, # lesson 04's `estimate_methods(...)`
                  gpu:str|None=None, # a name in `accounting.GPUS`: its usable memory as a line
                 ) -> dict:
     "Vega-Lite spec: one bar per method stacked by memory kind, its total at its end; the GPU's usable memory as a line when on scale."
@@ -442,7 +434,8 @@ def efficiency_tab(st, model, info:dict|None, # `adapter_summary` of the adapter
     batch = int(d4.number_input("Batch size", 1, 1024, 1))
     gpu = d5.selectbox("GPU", list(accounting.GPUS))
     checkpointing = st.toggle("Gradient checkpointing", False)
-    estimates = efficiency(choices[which], rank, targets, precision, seq_len, batch, checkpointing)
+    setup = accounting.Setup(method, rank, targets, precision, seq_len, batch, grad_checkpointing=checkpointing)
+    estimates = accounting.estimate_methods(choices[which], setup)
     chosen, full = estimates[method], estimates["full"]
     unit, scale = memory_unit(max(e["memory_bytes"]["total"] for e in estimates.values()))
     m1, m2, m3, m4 = st.columns(4)

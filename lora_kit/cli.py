@@ -32,8 +32,9 @@ _positive_int = number_type(int, 1)
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."
     try:
-        return estimate(args.model, args.method, args.rank, args.targets, args.seq_len, args.batch_size,
-                        args.grad_checkpointing, args.precision, args.attn, args.optimizer, use_dora=args.dora)
+        return estimate(args.model, method=args.method, rank=args.rank, targets=args.targets, seq_len=args.seq_len,
+                        batch_size=args.batch_size, grad_checkpointing=args.grad_checkpointing, precision=args.precision,
+                        attn=args.attn, optimizer=args.optimizer, use_dora=args.dora)
     except LoraKitError as e: raise UsageError(f"lora-kit estimate: {e}") from None
 
 # %% ../nbs/17_cli.ipynb #d828e910

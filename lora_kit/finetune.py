@@ -18,7 +18,7 @@ import datasets, torch
 from .core import ConfigError, LoraKitError, atomic_files, atomic_folder, atomic_write, output_lock
 from .layers import check_lora_args
 from .inject import ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_targets, remove_lora, save_adapter
-from .accounting import estimate
+from .accounting import Setup, estimate_methods
 from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, tokenize_dataset
 from .tiny import exact_match
 from .train import CHECKPOINTS, NonFiniteLossError, TrainConfig, checkpoints, evaluate_loss, keeping_checkpoints, plot_history, train
@@ -83,9 +83,9 @@ def flops_per_step(model:str, method:str, rank:int, targets, rows:list[dict], co
     "Training FLOPs per step of `method` and of full fine-tuning for this data's mean length (None if not a LLaMA)."
     try:
         seq_len = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
-        setup = dict(rank=rank, targets=targets, seq_len=seq_len, batch_size=config.batch_size * config.grad_accum)
+        setup = Setup(method, rank, targets, seq_len=seq_len, batch_size=config.batch_size * config.grad_accum, use_dora=use_dora)
         path = Path(resolve_model(model)) / "config.json"
-        return {m: estimate(str(path), m, **setup, use_dora=use_dora and m != "full")["flops_per_step"] for m in (method, "full")}
+        return {m: e["flops_per_step"] for m, e in estimate_methods(str(path), setup, (method, "full")).items()}
     except (ValueError, OSError): return None  # a Hub id (config not local) or an architecture accounting does not know
 
 # %% ../nbs/12_finetune.ipynb #7c1d500a

@@ -12,7 +12,7 @@ import ipywidgets as W
 from IPython.display import display
 from transformers import LlamaConfig
 from .core import ConfigError
-from .accounting import GPUS, LLAMA_LINEARS, METHODS, MEMORY_KINDS, PRECISIONS, MODEL_PRESETS, OPTIMIZERS, dashboard_data
+from .accounting import GPUS, LLAMA_LINEARS, METHODS, MEMORY_KINDS, PRECISIONS, MODEL_PRESETS, OPTIMIZERS, Setup, dashboard_data
 
 # %% ../nbs/05_widgets.ipynb #b8d7d1bb
 def custom_config(hidden_size:int=2048, intermediate_size:int=5632, num_hidden_layers:int=22,
@@ -86,9 +86,10 @@ class Dashboard:
     def update(self, change=None):
         "Recompute `data` from the widget values and redraw."
         try:
-            self.data = dashboard_data(self.config(), self.method.value, self.rank.value, self.targets.value,
-                                       self.precision.value, self.seq_len.value, self.batch_size.value,
-                                       self.grad_checkpointing.value, self.optimizer.value, self.gpu.value)
+            setup = Setup(self.method.value, self.rank.value, self.targets.value, self.precision.value, self.seq_len.value,
+                          self.batch_size.value, grad_checkpointing=self.grad_checkpointing.value,
+                          optimizer=self.optimizer.value)
+            self.data = dashboard_data(self.config(), setup, self.gpu.value)
         except ConfigError as e:  # e.g. no target selected, or heads that do not divide the width
             self.data, self.summary.value = None, f"<b style='color:#b00'>{e}</b>"
             return

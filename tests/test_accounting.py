@@ -1,6 +1,8 @@
 """The closed-form accounting against independent references: parameter counts of meta-device models (transformers
 and peft), FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` in a real forward + backward on the meta
 device, and the tensors autograd saves in a real CPU forward pass."""
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -52,9 +54,9 @@ def n_params(model, trainable_only=False):
 def test_params_and_train_flops_match_meta_models(name, method, rank, targets):
     config = CONFIGS[name]
     model = meta_model(config, method, rank, targets)
-    counts = acc.param_counts(config, method, rank, targets)
+    counts = acc.param_counts(config, acc.Setup(method, rank, targets))
     assert (counts["total"], counts["trainable"]) == (n_params(model), n_params(model, trainable_only=True))
-    flops = acc.train_flops(config, method, batch_size=2, seq_len=96, rank=rank, targets=targets)
+    flops = acc.train_flops(config, acc.Setup(method, rank, targets, batch_size=2, seq_len=96))
     assert flops["total"] == pytest.approx(counted_flops(model, 2, 96), rel=0.01)
 
 
@@ -63,21 +65,21 @@ def test_params_and_train_flops_match_meta_models(name, method, rank, targets):
 def test_llama2_flops_match_the_counter(name, method):
     config = acc.load_config(name)
     model = meta_model(name, method, 8, ("q_proj", "v_proj"))
-    assert acc.param_counts(config, method)["total"] == n_params(model)
-    assert acc.train_flops(config, method, 1, 512)["total"] == pytest.approx(counted_flops(model, 1, 512), rel=0.01)
+    assert acc.param_counts(config, acc.Setup(method))["total"] == n_params(model)
+    assert acc.train_flops(config, acc.Setup(method, seq_len=512))["total"] == pytest.approx(counted_flops(model, 1, 512), rel=0.01)
 
 
 def test_llama2_7b_lora_costs_two_thirds_of_full():
     config = acc.load_config("llama-2-7b")
     full = counted_flops(meta_model("llama-2-7b"), 1, 512)
     lora = counted_flops(meta_model("llama-2-7b", "lora"), 1, 512)
-    assert acc.train_flops(config, "full", 1, 512)["total"] == pytest.approx(full, rel=0.01)
+    assert acc.train_flops(config, acc.Setup("full", seq_len=512))["total"] == pytest.approx(full, rel=0.01)
     assert lora / full == pytest.approx(0.67, abs=0.01)
 
 
 def test_qlora_multiplies_like_lora_and_states_dequantization_apart():
     config = CONFIGS["gqa-untied"]
-    lora, qlora = (acc.train_flops(config, m, 1, 64) for m in ("lora", "qlora"))
+    lora, qlora = (acc.train_flops(config, acc.Setup(m, seq_len=64)) for m in ("lora", "qlora"))
     assert qlora["total"] == lora["total"] == pytest.approx(counted_flops(meta_model(config, "lora"), 1, 64), rel=0.01)
     block_linear_weights = 3 * sum(i * o for i, o in acc.block_linears(config).values())
     # every 4-bit weight is dequantized once forward and at most once more backward
@@ -88,7 +90,7 @@ def test_qlora_multiplies_like_lora_and_states_dequantization_apart():
 def test_inference_flops_merged_and_unmerged(merged):
     config = CONFIGS["gqa-untied"]
     model = meta_model(config) if merged else meta_model(config, "lora", 16, ALL)
-    assert acc.inference_flops(config, 2, 80, 16, ALL, merged) == pytest.approx(
+    assert acc.inference_flops(config, acc.Setup(rank=16, targets=ALL, batch_size=2, seq_len=80), merged) == pytest.approx(
         counted_flops(model, 2, 80, train=False), rel=0.01)
 
 
@@ -114,7 +116,7 @@ def test_activations_match_what_autograd_saves(method, targets, attn, precision)
     model = LlamaForCausalLM(config).to(torch.float32 if precision == "fp32" else torch.bfloat16)
     if method == "lora": model = get_peft_model(model, LoraConfig(r=4, target_modules=list(targets)))
     measured = autograd_saved_bytes(model, 2, 96, attn)
-    predicted = acc.saved_bytes(config, method, 2, 96, 4, targets or ("q_proj",), precision, attn)
+    predicted = acc.saved_bytes(config, acc.Setup(method, 4, targets or ("q_proj",), precision, 96, 2, attn))
     assert predicted == pytest.approx(measured, rel=0.10)
 
 
@@ -127,7 +129,7 @@ def test_weights_gradients_optimizer_of_a_real_step():
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     targets = ("gate_proj", "o_proj")
-    mem = acc.memory_bytes(config, "lora", 1, 16, 4, targets, precision="fp32")
+    mem = acc.memory_bytes(config, acc.Setup("lora", 4, targets, "fp32", seq_len=16))
     assert mem["weights"] == sum(p.nbytes for p in model.parameters())
     assert mem["gradients"] == sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
     assert mem["optimizer"] == sum(s[k].nbytes for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
@@ -135,15 +137,15 @@ def test_weights_gradients_optimizer_of_a_real_step():
 
 def test_bad_targets_and_methods_name_the_fix():
     with pytest.raises(ConfigError, match="q_proj,k_proj,v_proj"): acc.resolve_targets("query")
-    with pytest.raises(ConfigError, match="full, lora, qlora"): acc.train_flops(CONFIGS["mqa"], "dora")
+    with pytest.raises(ConfigError, match="full, lora, qlora"): acc.Setup("dora")
     with pytest.raises(ConfigError, match="neither a preset"): acc.estimate("llama-3")
 
 
 def test_tiny_is_the_shipped_base_that_finetune_trains():
     model = AutoModelForCausalLM.from_pretrained(asset_path("tiny_base"))
-    assert acc.estimate("tiny", "full")["params_total"] == sum(p.numel() for p in model.parameters())
+    assert acc.estimate("tiny", method="full")["params_total"] == sum(p.numel() for p in model.parameters())
     lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    assert acc.estimate("tiny", "lora", rank=8)["params_trainable"] == sum(
+    assert acc.estimate("tiny", method="lora", rank=8)["params_trainable"] == sum(
         p.numel() for p in lora.parameters() if p.requires_grad)
 
 
@@ -160,7 +162,7 @@ def test_adamw8bit_state_of_a_real_step(method):
     opt.step()
     storages = {t.untyped_storage().data_ptr(): t.nbytes for s in opt.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0}
-    assert acc.optimizer_bytes(config, method, 16, ("up_proj", "q_proj"), "adamw8bit") == sum(storages.values())
+    assert acc.optimizer_bytes(config, acc.Setup(method, 16, ("up_proj", "q_proj"), optimizer="adamw8bit")) == sum(storages.values())
 
 
 def quantize_block_linears(model):
@@ -192,6 +194,39 @@ def test_qlora_weights_and_activations_with_real_4bit_layers(attn):
     targets = ("q_proj", "v_proj", "down_proj")
     model = get_peft_model(model, LoraConfig(r=8, target_modules=list(targets)))
     weights = sum(p.nbytes for p in model.parameters()) + quant_state_bytes(model)
-    assert acc.weight_bytes(config, "qlora", 8, targets, "bf16", "nf4", double_quant=True) == weights
+    qlora = acc.Setup("qlora", 8, targets, "bf16", 64, 2, attn, quant="nf4", double_quant=True)
+    assert acc.weight_bytes(config, qlora) == weights
     measured = autograd_saved_bytes(model, 2, 64, attn)
-    assert acc.saved_bytes(config, "qlora", 2, 64, 8, targets, "bf16", attn) == pytest.approx(measured, rel=0.10)
+    assert acc.saved_bytes(config, qlora) == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("method", "dora", "method 'dora' unknown: use one of full, lora, qlora"),
+    ("rank", 0, "rank must be an integer >= 1, got 0"), ("rank", True, "rank must be an integer >= 1, got True"),
+    ("seq_len", 2.5, "seq_len must be an integer >= 1"), ("batch_size", -1, "batch_size must be an integer >= 1"),
+    ("precision", "fp8", "precision 'fp8' unknown: use one of fp32, bf16"), ("attn", "flash", "attn 'flash' unknown"),
+    ("optimizer", "sgd", "optimizer 'sgd' unknown: use one of adamw, adamw8bit"), ("quant", "fp4", "quant 'fp4' unknown"),
+    ("targets", "query", "LoRA targets query unknown"), ("targets", (), "no LoRA targets given"),
+])
+def test_a_setup_refuses_a_bad_setting_when_it_is_made_naming_it(field, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)): acc.Setup(**{field: value})
+
+
+def test_a_setup_resolves_its_targets_once_and_refuses_dora_on_other_methods():
+    setup = acc.Setup(targets="v_proj, q_proj,v_proj")
+    assert setup.targets == ("v_proj", "q_proj") and setup.tokens == 512 and not setup.full
+    assert acc.Setup(targets="all-linear").targets == acc.LLAMA_LINEARS
+    with pytest.raises(ConfigError, match="DoRA adapts 16/32-bit bases: use method 'lora', not 'qlora'"):
+        acc.Setup("qlora", use_dora=True)
+    with pytest.raises(Exception): setup.rank = 4  # frozen: a setup read by one count is the setup of the next
+
+
+def test_estimate_takes_a_setup_or_its_fields_and_every_method_is_one_call():
+    setup = acc.Setup("qlora", 16, "all-linear", seq_len=256)
+    assert acc.estimate("llama-2-7b", setup) == acc.estimate("llama-2-7b", method="qlora", rank=16, targets="all-linear", seq_len=256)
+    assert acc.estimate("llama-2-7b", setup, rank=4)["rank"] == 4  # fields given with a setup replace its own
+    each = acc.estimate_methods("llama-2-7b", acc.Setup(rank=16, use_dora=True))
+    assert list(each) == list(acc.METHODS)
+    assert each["lora"]["use_dora"] and not each["full"]["use_dora"] and not each["qlora"]["use_dora"]
+    config = acc.load_config("llama-2-7b")  # DoRA's extras, independently: one magnitude per output of q and v in 32 blocks
+    assert each["lora"]["params_trainable"] - acc.param_counts(config, acc.Setup(rank=16))["trainable"] == 32 * 2 * 4096

@@ -208,7 +208,7 @@ def phase_estimates(ctx: dict) -> dict:
     from lora_kit.qlora import default_compute_dtype
     rows = {}
     for setup, method in ctx["setups"]:
-        est = estimate(ctx["config"], method, rank=RANK, targets="all-linear", seq_len=ctx["seq_len"],
+        est = estimate(ctx["config"], method=method, rank=RANK, targets="all-linear", seq_len=ctx["seq_len"],
                        batch_size=ctx["batch_size"], precision="bf16" if ctx["on_gpu"] else "fp32", attn="sdpa")
         rows[setup] = dict(memory_gib={k: round(v / 2**30, 3) for k, v in est["memory_bytes"].items()},
                            flops_per_step=est["flops_per_step"], trainable_params=est["params_trainable"])
