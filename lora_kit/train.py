@@ -10,7 +10,7 @@ __all__ = ['CHECKPOINTS', 'RUN_SETTINGS', 'language_model', 'loss_sum', 'step_in
            'base_name', 'save_checkpoint', 'checkpoints', 'latest_checkpoint', 'CheckpointMismatchError',
            'checkpoint_differences', 'mismatch_error', 'load_checkpoint', 'resume', 'keeping_checkpoints',
            'peak_memory_bytes', 'evaluate_loss', 'NonFiniteLossError', 'check_finite', 'enable_gradient_checkpointing',
-           'train', 'plot_history']
+           'prepare_layers', 'make_optimizer', 'step_batches', 'train_step', 'train', 'plot_history']
 
 # %% ../nbs/10_train.ipynb #a13b4ca6
 import json, math, numbers, resource, time, warnings
@@ -344,6 +344,47 @@ def enable_gradient_checkpointing(model:nn.Module, # a 🤗 transformers model
     model.enable_input_require_grads()
     return model
 
+# %% ../nbs/10_train.ipynb #4141b1d0
+def prepare_layers(model, config:TrainConfig, adapter_name:str|None=None):
+    "Make `adapter_name` (if given) the one that trains, put the adapter layers on the path `config` asks for (a warning, once, names why any falls back to the plain one), and turn on checkpointing if asked."
+    if adapter_name is not None: set_adapter(language_model(model), adapter_name)
+    set_backward(model, "lean" if config.efficient_layers else "plain")
+    if config.efficient_layers and (reasons := plain_path_reasons(model)):
+        warnings.warn("Some adapter layers train on the plain path: " + "; ".join(f"{why} ({n} layers)" for why, n in reasons.items()),
+                      stacklevel=3)  # the line that called `train`
+    if config.grad_checkpointing: enable_gradient_checkpointing(model)
+
+def make_optimizer(model, config:TrainConfig) -> tuple:
+    "`(optimizer, scheduler)`: AdamW over the trainable parameters in their LoRA+ groups, and the warmup schedule; an error if nothing trains."
+    groups = optimizer_groups(model, config.lr, config.loraplus_lr_ratio)
+    if not groups: raise LoraKitError("The model has no trainable parameters: call lora_kit.inject.add_lora first.")
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return optimizer, lr_scheduler(optimizer, config)
+
+def step_batches(examples:list[dict], step:int, config:TrainConfig, collate_fn, accelerator) -> list[dict]:
+    "This process's micro-batches of optimizer step `step` (from 0), collated and on its device."
+    micro = step_indices(step, len(examples), config.batch_size, config.grad_accum, accelerator.num_processes, config.seed)
+    return [{k: v.to(accelerator.device) for k, v in collate_fn([examples[i] for i in per_process[accelerator.process_index]]).items()}
+            for per_process in micro]
+
+def train_step(model, batches:list[dict], # this process's micro-batches (`step_batches`)
+               step:int, # the step's number, from 1, for the non-finite-loss error
+               optimizer, scheduler, accelerator, max_grad_norm:float) -> tuple[float, int]:
+    "One optimizer step: each micro-batch's summed loss over the global batch's target count, backward, clip, update; `(loss, tokens)`."
+    world_size = accelerator.num_processes
+    n_targets = max(accelerator.reduce(sum(count_targets(b["labels"]) for b in batches), "sum").item(), 1)  # all processes'
+    step_loss, tokens = 0.0, 0
+    for m, batch in enumerate(batches):
+        with accelerator.no_sync(model) if m < len(batches) - 1 else torch.enable_grad():  # gradients synced once, at the last
+            with accelerator.autocast(): total, _ = loss_sum(model, batch)
+            accelerator.backward(total * world_size / n_targets)
+        step_loss, tokens = step_loss + total.item(), tokens + int(batch["attention_mask"].sum())
+    loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item() / n_targets
+    check_finite(loss, step)
+    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)  # frozen ones have no grad
+    optimizer.step(); scheduler.step(); optimizer.zero_grad()
+    return loss, tokens
+
 # %% ../nbs/10_train.ipynb #4141b1dc
 def train(model, # a model with LoRA adapters (or any model: whatever has requires_grad trains)
           train_examples:list[dict], # tokenized: `input_ids` and `labels` per example
@@ -364,21 +405,13 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
         raise ConfigError("precision='fp16' needs a GPU; use 'bf16' or 'no' on a CPU.")
     accelerator = Accelerator(mixed_precision=config.precision, cpu=not torch.cuda.is_available())
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
-    if adapter_name is not None: set_adapter(language_model(model), adapter_name)
-    set_backward(model, "lean" if config.efficient_layers else "plain")
-    if config.efficient_layers and (reasons := plain_path_reasons(model)):  # the fallback says why, once per run
-        warnings.warn("Some adapter layers train on the plain path: " + "; ".join(f"{why} ({n} layers)" for why, n in reasons.items()),
-                      stacklevel=2)
-    if config.grad_checkpointing: enable_gradient_checkpointing(model)
-    groups = optimizer_groups(model, config.lr, config.loraplus_lr_ratio)
-    if not groups: raise LoraKitError("The model has no trainable parameters: call lora_kit.inject.add_lora first.")
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = lr_scheduler(optimizer, config)
+    prepare_layers(model, config, adapter_name)
+    optimizer, scheduler = make_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     start = 0
     if resume_from is not None:
         start = resume(resume_from, resume_fallback, model, optimizer, scheduler, accelerator, base_model_name_or_path=base_model_name_or_path)
-    world_size, process_index = accelerator.num_processes, accelerator.process_index
+    world_size = accelerator.num_processes
     history, tokens, seconds = [], 0, 0.0
     evaluate = lambda: dict(eval_loss=evaluate_loss(model, eval_examples, collate_fn),
                             **(metric_fn(accelerator.unwrap_model(model)) if metric_fn else {}))
@@ -387,23 +420,9 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     model.train()
     for step in bar:
         t0 = time.perf_counter()
-        micro = step_indices(step, len(train_examples), config.batch_size, config.grad_accum, world_size, config.seed)
-        batches = [{k: v.to(accelerator.device) for k, v in collate_fn([train_examples[i] for i in per_process[process_index]]).items()}
-                   for per_process in micro]
-        n_targets = accelerator.reduce(sum(count_targets(b["labels"]) for b in batches), "sum").item()  # all processes' micro-batches
-        step_loss = 0.0
-        for m, batch in enumerate(batches):
-            last = m == len(micro) - 1
-            with accelerator.no_sync(model) if not last else torch.enable_grad():
-                with accelerator.autocast(): total, _ = loss_sum(model, batch)
-                accelerator.backward(total * world_size / max(n_targets, 1))
-            step_loss += total.item()
-            tokens += int(batch["attention_mask"].sum())
-        loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item() / max(n_targets, 1)
-        check_finite(loss, step + 1)
-        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)  # frozen ones have no grad
-        optimizer.step(); scheduler.step(); optimizer.zero_grad()
-        seconds += time.perf_counter() - t0
+        loss, step_tokens = train_step(model, step_batches(train_examples, step, config, collate_fn, accelerator), step + 1,
+                                       optimizer, scheduler, accelerator, config.max_grad_norm)
+        tokens, seconds = tokens + step_tokens, seconds + time.perf_counter() - t0
         record = dict(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0])
         if eval_examples and config.eval_every and (step + 1) % config.eval_every == 0: record.update(evaluate())
         history.append(record)
