@@ -21,6 +21,7 @@ def lines(path, *rows, raw=None):
 
 def cases(tmp):
     adapter = save_adapter(add_lora(tiny_llama(), ["q_proj"], r=2), tmp / "adapter", base_model_name_or_path="tiny")
+    good = save_adapter(add_lora(tiny_llama(), ["q_proj"], r=2), tmp / "good-adapter", base_model_name_or_path="tiny")
     (tmp / "no-config").mkdir()
     return {
         "rank 0": (["finetune", "--rank", "0"], "must be an integer >= 1"),
@@ -46,6 +47,13 @@ def cases(tmp):
         "estimate seq-len 0": (["estimate", "--seq-len", "0"], "--seq-len: must be an integer >= 1"),
         "estimate rank 0": (["estimate", "--rank", "0"], "--rank: must be an integer >= 1"),
         "estimate batch-size 0": (["estimate", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+        "estimate rank not a number": (["estimate", "--rank", "eight"], "argument --rank: must be an integer >= 1, got 'eight'"),
+        "estimate unknown method": (["estimate", "--method", "dora"], "invalid choice"),
+        "estimate unknown targets": (["estimate", "--targets", "q,v"], "LoRA targets q, v unknown"),
+        "finetune unknown precision": (["finetune", "--precision", "fp64"], "invalid choice"),
+        "generate on a base folder without config": (["generate", "--adapter", str(good), "--prompt", "x", "--model", str(tmp / "no-config")],
+                                                     "no config.json"),
+        "merge without an output": (["merge", "--adapter", str(good)], "the following arguments are required: --output"),
         "save-every -1": (["finetune", "--save-every", "-1"], "--save-every: save_every must be an integer >= 0, got -1"),
         "warmup-steps -1": (["finetune", "--warmup-steps", "-1"], "--warmup-steps: warmup_steps must be an integer >= 0"),
         "seed -1": (["finetune", "--seed", "-1"], "--seed: seed must be an integer >= 0"),

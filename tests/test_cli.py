@@ -80,23 +80,6 @@ def test_bad_config_json_exits_2_with_one_line(tmp_path, capsys, content, reason
     assert r.stderr.count("\n") == 1 and reason in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args, reason", [
-    (("estimate", "--rank", "0"), "argument --rank: must be an integer >= 1, got '0'"),
-    (("estimate", "--model", "llama-3"), "neither a preset"),
-    (("estimate", "--rank", "eight"), "argument --rank: must be an integer >= 1, got 'eight'"),
-    (("estimate", "--method", "dora"), "invalid choice"),
-    (("estimate", "--targets", "q,v"), "LoRA targets q, v unknown"),
-    (("estimate", "--seq-len", "0"), "argument --seq-len: must be an integer >= 1"),
-    (("estimate", "--batch-size", "0"), "argument --batch-size: must be an integer >= 1"),
-    (("finetune", "--rank", "0"), "--rank: rank=0 must be an integer >= 1"),
-    (("finetune", "--precision", "fp64"), "invalid choice"),
-])
-def test_bad_input_exits_2_with_one_line(capsys, args, reason):
-    r = in_process(capsys, *args)
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and reason in r.stderr and "Traceback" not in r.stderr
-
-
 def test_console_script_exits_2_on_bad_input():
     r = lora_kit("frobnicate")
     assert r.returncode == 2
