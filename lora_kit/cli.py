@@ -168,8 +168,9 @@ def adapters_in(folder:str, # one `--adapter` value
 def unique_name(folder:Path, taken:set[str]) -> str:
     "`folder`'s adapter name by `ADAPTER_NAMING`, one not in `taken`; added to `taken`."
     from torch import nn
+    from lora_kit.layers import adapter_name_problem
     wanted = Path(os.path.abspath(folder)).name.replace(".", "_")  # abspath: `.` and `..` named, links not followed
-    free = lambda n: n not in taken and not hasattr(nn.ModuleDict(), n)  # a ModuleDict's own attributes name no module
+    free = lambda n: n not in taken and adapter_name_problem(n, nn.ModuleDict()) is None  # lesson 02's rule for names
     name = next(n for n in chain([wanted], (f"{wanted}-{i}" for i in count(2))) if free(n))
     taken.add(name)
     return name
