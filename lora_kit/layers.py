@@ -15,17 +15,16 @@ import importlib, math
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import ConfigError, LoraKitError
+from .core import ALPHA, DROPOUT, RANK, ConfigError, LoraKitError, check_value
 from .lowrank import lora_scale
 
 # %% ../nbs/02_layers.ipynb #261c9e31
 def check_lora_args(r:int, alpha:float, dropout:float, in_features:int, out_features:int):
-    "Raise `ConfigError` naming the problem when LoRA hyper-parameters cannot work for this layer."
-    if not isinstance(r, int) or not 1 <= r <= min(in_features, out_features):
-        raise ConfigError(f"LoRA rank r={r!r} must be an integer with 1 <= r <= min(in_features, out_features) = "
-                         f"{min(in_features, out_features)} for a {out_features}x{in_features} layer; choose a rank in that range.")
-    if not alpha > 0: raise ConfigError(f"LoRA alpha={alpha!r} must be > 0 (a common choice is 2*r).")
-    if not 0 <= dropout < 1: raise ConfigError(f"LoRA dropout={dropout!r} must be in [0, 1).")
+    "Raise `ConfigError` naming the problem when LoRA hyper-parameters cannot work for this layer: lesson 00's rules, and r's bound."
+    for name, value, rule in (("r", r, RANK), ("alpha", alpha, ALPHA), ("dropout", dropout, DROPOUT)): check_value(name, value, rule)
+    if r > min(in_features, out_features):
+        raise ConfigError(f"LoRA rank r={r!r} must be at most min(in_features, out_features) = {min(in_features, out_features)} "
+                          f"for a {out_features}x{in_features} layer; choose a rank in that range.", field="r")
 
 # %% ../nbs/02_layers.ipynb #b7c1e2a4
 def standard_4bit_layout(data:torch.Tensor, quant_state) -> tuple:

@@ -6,16 +6,16 @@ Docs: https://lora-kit.github.io/lora_kit/qlora.html.md"""
 
 # %% auto #0
 __all__ = ['DEMO_ADAPTER', 'keep_trainable_layout', 'require_bitsandbytes', 'nf4_levels', 'quantize_nf4', 'dequantize_nf4',
-           'relative_error', 'int8_roundtrip', 'bits_per_param', 'default_compute_dtype', 'mixed_precision',
-           'nf4_config', 'load_4bit', 'prepare_for_kbit_training', 'parameter_bytes', 'resolve_model', 'load_base',
-           'shared_base', 'open_adapters', 'open_adapter']
+           'relative_error', 'int8_roundtrip', 'bits_per_param', 'default_compute_dtype', 'nf4_config', 'load_4bit',
+           'prepare_for_kbit_training', 'parameter_bytes', 'resolve_model', 'load_base', 'shared_base', 'open_adapters',
+           'open_adapter']
 
 # %% ../nbs/11_qlora.ipynb #ecaf0c52
 from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from .core import ConfigError, LoraKitError, MissingExtraError, asset_path
+from .core import ConfigError, LoraKitError, MissingExtraError, asset_path, auto_precision
 from .layers import frozen_base
 from .inject import CONFIG_NAME, load_adapter, read_adapter_config
 from .data import ensure_pad_token
@@ -80,15 +80,8 @@ def bits_per_param(packed:torch.Tensor, state, n:int) -> float:
 # %% ../nbs/11_qlora.ipynb #e20ccd12
 def default_compute_dtype(capability:tuple[int, int]|None=None, # CUDA compute capability; None: this machine's GPU
                          ) -> torch.dtype:
-    "bf16 from compute capability 8.0 (Ampere) on, fp16 below (a T4 is 7.5), fp32 on a CPU."
-    if capability is None:
-        if not torch.cuda.is_available(): return torch.float32
-        capability = torch.cuda.get_device_capability()
-    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
-
-def mixed_precision(compute_dtype:torch.dtype) -> str:
-    "The training loop's `precision` (🤗 accelerate's `mixed_precision`) for a compute dtype: bf16, fp16 or no."
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "no")
+    "The dtype of lesson 00's `auto_precision`: bf16 from compute capability 8.0 (Ampere) on, fp16 below (a T4), fp32 on a CPU."
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(auto_precision(capability), torch.float32)
 
 def nf4_config(compute_dtype:torch.dtype|None=None, double_quant:bool=True) -> BitsAndBytesConfig:
     "The QLoRA paper's `BitsAndBytesConfig`: NF4 codes, double-quantized scales, matmuls in `compute_dtype`."

@@ -137,7 +137,7 @@ def test_weights_gradients_optimizer_of_a_real_step():
 
 def test_bad_targets_and_methods_name_the_fix():
     with pytest.raises(ConfigError, match="q_proj,k_proj,v_proj"): acc.resolve_targets("query")
-    with pytest.raises(ConfigError, match="full, lora, qlora"): acc.Setup("dora")
+    with pytest.raises(ConfigError, match="'full', 'lora', 'qlora'"): acc.Setup("dora")
     with pytest.raises(ConfigError, match="neither a preset"): acc.estimate("llama-3")
 
 
@@ -201,15 +201,16 @@ def test_qlora_weights_and_activations_with_real_4bit_layers(attn):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("method", "dora", "method 'dora' unknown: use one of full, lora, qlora"),
+    ("method", "dora", "method must be one of 'full', 'lora', 'qlora', got 'dora'"),
     ("rank", 0, "rank must be an integer >= 1, got 0"), ("rank", True, "rank must be an integer >= 1, got True"),
     ("seq_len", 2.5, "seq_len must be an integer >= 1"), ("batch_size", -1, "batch_size must be an integer >= 1"),
-    ("precision", "fp8", "precision 'fp8' unknown: use one of fp32, bf16"), ("attn", "flash", "attn 'flash' unknown"),
-    ("optimizer", "sgd", "optimizer 'sgd' unknown: use one of adamw, adamw8bit"), ("quant", "fp4", "quant 'fp4' unknown"),
+    ("precision", "fp8", "precision must be one of 'fp32', 'bf16'"), ("attn", "flash", "attn must be 'eager' or 'sdpa', got 'flash'"),
+    ("optimizer", "sgd", "optimizer must be 'adamw' or 'adamw8bit', got 'sgd'"), ("quant", "fp4", "quant must be 'nf4' or 'int8', got 'fp4'"),
     ("targets", "query", "LoRA targets query unknown"), ("targets", (), "no LoRA targets given"),
 ])
 def test_a_setup_refuses_a_bad_setting_when_it_is_made_naming_it(field, value, message):
-    with pytest.raises(ConfigError, match=re.escape(message)): acc.Setup(**{field: value})
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused: acc.Setup(**{field: value})
+    assert refused.value.field == field
 
 
 def test_a_setup_resolves_its_targets_once_and_refuses_dora_on_other_methods():

@@ -1,5 +1,5 @@
 "Black-box tests of the `lora-kit` console script, run as a user runs it."
-import json, subprocess, sys
+import dataclasses, json, subprocess, sys
 
 import pytest
 
@@ -108,20 +108,55 @@ def test_a_non_finite_loss_exits_with_3(monkeypatch, capsys):
 
 def test_finetune_settings_are_checked_before_anything_loads(tmp_path, capsys):
     r = in_process(capsys, "finetune", "--alpha", "nan", "--output", str(tmp_path / "out"))
-    assert r.returncode == 2 and "alpha=nan" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and "--alpha: must be a number > 0, got 'nan'" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_finetune_precision_auto_is_the_default_and_follows_the_device():
-    "auto: fp32 (no autocast) on a CPU; on a GPU, what `default_compute_dtype` picks for its compute capability."
-    import torch
+def test_finetune_precision_auto_is_the_default_and_is_kept_for_the_training_loop_to_resolve():
+    "The config keeps what was asked (auto); the loop runs what `auto_precision` says for this machine (test_train.py)."
     from lora_kit.cli import build_parser, finetune_config
-    from lora_kit.qlora import default_compute_dtype, mixed_precision
     args = build_parser().parse_args(["finetune"])
-    assert args.precision == "auto"
-    expected = mixed_precision(default_compute_dtype(torch.cuda.get_device_capability())) if torch.cuda.is_available() else "no"
-    assert finetune_config(args).train.precision == expected
+    assert args.precision == "auto" and finetune_config(args).train.precision == "auto"
     assert finetune_config(build_parser().parse_args(["finetune", "--precision", "bf16"])).train.precision == "bf16"
+
+
+def flattened_fields(kind):
+    "(field, default) of every field of the dataclass `kind`, a nested dataclass's fields in its place."
+    out = []
+    for f in dataclasses.fields(kind):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out += [(g, getattr(default, g.name)) for g in dataclasses.fields(default)] if dataclasses.is_dataclass(default) else [(f, default)]
+    return out
+
+
+@pytest.mark.parametrize("command, kind, extras", [("finetune", "lora_kit.finetune:FinetuneConfig", set()),
+                                                    ("estimate", "lora_kit.accounting:Setup", {"model", "json"})])
+def test_a_subcommand_has_one_flag_per_config_field_with_the_fields_default_and_help(command, kind, extras):
+    "The parser is built from the fields: every field a flag, named as the field says, with its default and help; nothing else."
+    import argparse, importlib
+    from lora_kit.cli import SUBCOMMANDS
+    from lora_kit.core import flag_of, settings_from
+    module, name = kind.split(":")
+    kind = getattr(importlib.import_module(module), name)
+    parser = argparse.ArgumentParser()
+    SUBCOMMANDS[command][1](parser)
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    fields = flattened_fields(kind)
+    assert set(actions) - {f.name for f, _ in fields} == extras
+    for f, default in fields:
+        action = actions[f.name]
+        assert action.option_strings[0] == (f.metadata["flag"] or "--" + f.name.replace("_", "-")) == flag_of(f)
+        assert action.default == default and action.help.startswith(f.metadata["help"].replace("%", "%%"))
+    assert settings_from(kind, parser.parse_args([] if command == "finetune" else ["--model", "tiny"])) == kind()
+
+
+def test_a_config_error_names_the_field_and_the_cli_names_its_flag(capsys):
+    from lora_kit.core import ConfigError
+    from lora_kit.finetune import FinetuneConfig
+    with pytest.raises(ConfigError) as refused: FinetuneConfig(resume_fallback=True)
+    assert refused.value.field == "resume_fallback"
+    r = in_process(capsys, "finetune", "--resume-fallback")
+    assert r.returncode == 2 and r.stderr.startswith("lora-kit finetune --resume-fallback: resume_fallback=True needs resume=True")
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 5), "float16"), ((7, 0), "float16"), ((8, 0), "bfloat16"),

@@ -35,6 +35,7 @@ def test_a_setting_out_of_range_is_refused_naming_field_value_and_what_is_accept
     with pytest.raises(ConfigError) as e: TrainConfig(**{name: value})
     message = str(e.value)
     assert message.startswith(f"{name} must be ") and message.endswith(f"got {value!r}"), message
+    assert e.value.field == name
     assert isinstance(e.value, LoraKitError) and isinstance(e.value, ValueError)
 
 
@@ -125,6 +126,19 @@ def trained(efficient_layers):
     train(model, examples(), config=TrainConfig(max_steps=3, batch_size=3, lr=5e-3, warmup_steps=1,
                                                 efficient_layers=efficient_layers))
     return model
+
+
+def test_precision_auto_trains_as_auto_precision_says_for_this_machine():
+    "auto is kept in the config and resolved by the loop: on this CPU it is fp32, so the same run as precision='no'."
+    from lora_kit.core import auto_precision
+    def adapter_after(precision):
+        torch.manual_seed(0)
+        model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8)
+        train(model, examples(), config=TrainConfig(max_steps=2, batch_size=3, lr=5e-3, warmup_steps=0, precision=precision))
+        return adapter_state_dict(model)
+    auto, resolved = adapter_after("auto"), adapter_after(auto_precision())
+    for key in auto: assert torch.equal(auto[key], resolved[key]), key
+    if not torch.cuda.is_available(): assert auto_precision() == "no"
 
 
 def test_train_switches_the_layers_to_the_lean_or_the_plain_path_with_the_same_result():
