@@ -9,8 +9,8 @@ __all__ = ['KNOWN_HARMLESS', 'SWITCH', 'TEXT', 'PATH', 'RANK', 'ALPHA', 'DROPOUT
            'WRITE_ERRNOS', 'WRITE_FAILED', 'LOCK_NAME', 'in_test', 'pick', 'gpu_available', 'auto_precision',
            'quiet_known_warnings', 'named_paths', 'LoraKitError', 'ConfigError', 'MissingFileError',
            'MissingExtraError', 'WriteError', 'BusyError', 'Rule', 'number_in', 'integer_at_least', 'one_of',
-           'optional', 'check_value', 'setting', 'check_fields', 'argument_type', 'number_type', 'flag_of',
-           'add_setting_arguments', 'settings_from', 'setting_flags', 'byte_tokenizer', 'tiny_llama_config',
+           'names_from', 'optional', 'check_value', 'setting', 'check_fields', 'argument_type', 'number_type',
+           'flag_of', 'add_setting_arguments', 'settings_from', 'setting_flags', 'byte_tokenizer', 'tiny_llama_config',
            'tiny_llama', 'llama2_config', 'meta_llama', 'count_params', 'write_failure', 'write_error',
            'raise_write_error', 'remove_stale_temps', 'atomic_write', 'partial_folder', 'atomic_folder', 'atomic_files',
            'output_lock', 'asset_path']
@@ -129,6 +129,12 @@ def one_of(*choices) -> Rule:
     "Exactly one of `choices`, of the same type (1 is not True)."
     accepted = " or ".join(map(repr, choices)) if len(choices) <= 2 else "one of " + ", ".join(map(repr, choices))
     return Rule(lambda v: any(type(v) is type(c) and v == c for c in choices), accepted, type(choices[0]), choices)
+
+def names_from(*choices:str) -> Rule:
+    "One or more of `choices`, each once: a tuple in Python, comma-separated on the command line."
+    parse = lambda text: tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    return Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(n in choices for n in v),
+                f"one or more of {', '.join(choices)}, comma-separated", parse)
 
 def optional(rule:Rule) -> Rule:
     "`rule`, or None: the setting left unset."

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora_kit.bench import (PATHS, TINY_MODEL, Trainee, bench_batch, bench_checkpoint, bench_llama, format_bench, path_base,
-                            path_summary, run_bench, saved_activation_bytes)
+from lora_kit.bench import (PATHS, TINY_MODEL, Run, Trainee, bench_batch, bench_checkpoint, bench_llama, format_bench, path_base,
+                            find, path_summary, run_bench, saved_activation_bytes)
 from lora_kit.cli import main
 from lora_kit.core import ConfigError
 from lora_kit.efficient import SavedTensorLog
@@ -21,6 +21,11 @@ ENV = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 INSTALL = "pip install 'lora_kit[qlora]' (or pip install bitsandbytes)."
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                         reason="the qlora path needs the qlora extra: pip install 'lora_kit[qlora]'")
+
+
+def runs(result) -> set:
+    "(method, dropout, path) of every result of a benchmark."
+    return {(m["method"], m["dropout"], m["path"]) for m in result["methods"]}
 
 
 def bench(*args):
@@ -35,9 +40,9 @@ def test_tiny_run_prints_tables_and_writes_json(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "| efficient/peft p=0.1 |" in out.stdout and "merged" in out.stdout
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert set(result["methods"]) == {"full", "peft p=0.1", "efficient p=0.1"}
+    assert runs(result) == {("full", None, "fp32"), ("peft", 0.1, "fp32"), ("efficient", 0.1, "fp32")}
     assert result["setup"]["paths"] == ["fp32"]  # the default path: the benchmark as it was before paths
-    peft, eff, full = (result["methods"][k] for k in ("peft p=0.1", "efficient p=0.1", "full"))
+    peft, eff, full = (find(result["methods"], method=m) for m in ("peft", "efficient", "full"))
     assert eff["flops"] == peft["flops"] < full["flops"]  # same matmuls; LoRA skips the weight gradients
     assert eff["trainable_params"] == peft["trainable_params"] < full["trainable_params"]
     assert {"base_wall_s", "merged_wall_s", "unmerged_wall_s", "merged/base cpu"} <= result["inference"].keys()  # no timing asserts
@@ -51,18 +56,21 @@ def test_three_paths_from_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["setup"]["paths"] == ["fp32", "autocast fp16", "qlora fp16"]
-    assert set(result["methods"]) == {"full", "peft p=0.1", "efficient p=0.1",
-                                      "full [autocast fp16]", "peft p=0.1 [autocast fp16]", "efficient p=0.1 [autocast fp16]",
-                                      "peft p=0.1 [qlora fp16]", "efficient p=0.1 [qlora fp16]"}  # no full fine-tuning of 4 bits
+    assert runs(result) == {("full", None, "fp32"), ("peft", 0.1, "fp32"), ("efficient", 0.1, "fp32"),
+                            ("full", None, "autocast fp16"), ("peft", 0.1, "autocast fp16"), ("efficient", 0.1, "autocast fp16"),
+                            ("peft", 0.1, "qlora fp16"), ("efficient", 0.1, "qlora fp16")}  # no full fine-tuning of 4 bits
     for label in result["setup"]["paths"]:
         assert f"| {label} | 0.1 |" in out.stdout  # a row of the per-path efficient/peft table
-        assert {f"efficient/peft p=0.1{'' if label == 'fp32' else f' [{label}]'} {k}" for k in ("saved_bytes", "step_s")} <= result["ratios"].keys()
+        ratio = find(result["ratios"], num="efficient", den="peft", dropout=0.1, path=label)
+        eff, peft = (find(result["methods"], method=m, dropout=0.1, path=label) for m in ("efficient", "peft"))
+        assert ratio["saved_bytes"] == eff["saved_bytes"] / peft["saved_bytes"] and ratio["step_s"] == eff["step_s"] / peft["step_s"]
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["bench", "--path", "gpu"], "choose from fp32, autocast, qlora"),
-    (["bench", "--path", "fp32,autocast,int8"], "unknown path int8"),
-    (["bench", "--path", ","], "choose from fp32, autocast, qlora"),
+    (["bench", "--path", "gpu"], "argument --path: must be one or more of fp32, autocast, qlora, comma-separated, got 'gpu'"),
+    (["bench", "--path", "fp32,autocast,int8"], "got 'fp32,autocast,int8'"),
+    (["bench", "--path", ","], "must be one or more of fp32, autocast, qlora"),
+    (["bench", "--methods", "lora"], "argument --methods: must be one or more of full, full+chunked, peft"),
     (["bench", "--dtype", "fp8"], "choose from 'bf16', 'fp16'"),
 ])
 def test_bad_path_and_dtype_exit_2_naming_the_choices(capsys, argv, named):
@@ -74,11 +82,11 @@ def test_bad_path_and_dtype_exit_2_naming_the_choices(capsys, argv, named):
 @pytest.mark.slow
 def test_bad_arguments_exit_2_with_the_reason():
     out = bench("--methods", "lora")
-    assert out.returncode == 2 and "Unknown method(s) lora" in out.stderr
+    assert out.returncode == 2 and "argument --methods: must be one or more of full," in out.stderr
     out = bench("--dropouts", "1.5")
     assert out.returncode == 2 and "dropouts must be in [0, 1)" in out.stderr
     out = bench("--path", "qlora,tpu")
-    assert out.returncode == 2 and "unknown path tpu: choose from fp32, autocast, qlora" in out.stderr
+    assert out.returncode == 2 and "--path: must be one or more of fp32, autocast, qlora, comma-separated, got 'qlora,tpu'" in out.stderr
 
 
 @pytest.mark.slow
@@ -91,7 +99,9 @@ def test_qlora_path_without_bitsandbytes_exits_2_with_the_install_command():
 
 
 def test_run_bench_refuses_what_it_cannot_run():
-    with pytest.raises(ConfigError, match="choose from fp32, autocast, qlora"): run_bench(paths=("gpu",), model_config=TINY_MODEL)
+    with pytest.raises(ConfigError, match="paths must be one or more of fp32, autocast, qlora"): run_bench(paths=("gpu",), model_config=TINY_MODEL)
+    with pytest.raises(ConfigError, match="path must be one or more of fp32, autocast, qlora"): path_base("gpu", "peft", model_config=TINY_MODEL)
+    with pytest.raises(ConfigError, match="methods must be one or more of full,"): run_bench(methods=("lora",), model_config=TINY_MODEL)
     with pytest.raises(ConfigError, match="16-bit"): run_bench(paths=("autocast",), dtype=torch.float32, model_config=TINY_MODEL)
     with pytest.raises(ConfigError, match="cannot train"): path_base("qlora", "full", model_config=TINY_MODEL, checkpoint="x")
 
@@ -100,7 +110,7 @@ def test_paths_in_python_as_a_comma_string_run_each_once():
     result = run_bench(methods=("peft",), dropouts=(0.0,), repeats=1, seq_len=8, model_config=TINY_MODEL, inference=False,
                        paths="fp32,autocast,fp32", dtype=torch.float16)
     assert result["setup"]["paths"] == ["fp32", "autocast fp16"]
-    assert list(result["methods"]) == ["peft p=0.0", "peft p=0.0 [autocast fp16]"]
+    assert [str(Run(m["method"], m["dropout"], m["path"])) for m in result["methods"]] == ["peft p=0.0", "peft p=0.0 [autocast fp16]"]
 
 
 # The paths build what they say ---------------------------------------------------------------------------------------
@@ -200,16 +210,14 @@ def test_three_paths_start_from_transformers_own_loss(checkpoint):
                  "autocast bf16": hf_loss_of(bench_llama(**config).to(torch.bfloat16), ids, True),
                  "qlora bf16": hf_loss_of(nf4, ids, True)}
     assert result["setup"]["paths"] == list(reference)
-    for name, m in result["methods"].items():
-        assert m["initial_loss"] == pytest.approx(reference[m["path"]], abs=2e-3), name
-    assert set(result["methods"]) == {f"{m}{p}{'' if label == 'fp32' else f' [{label}]'}" for label in reference
-                                      for m, p in [("full", ""), ("peft", " p=0.05"), ("lora_kit", " p=0.05"), ("efficient", " p=0.05")]
-                                      if not (m == "full" and label.startswith("qlora"))}
+    for m in result["methods"]:
+        assert m["initial_loss"] == pytest.approx(reference[m["path"]], abs=2e-3), m
+    assert runs(result) == {(m, p, label) for label in reference for m, p in [("full", None), ("peft", 0.05), ("lora_kit", 0.05), ("efficient", 0.05)]
+                            if not (m == "full" and label.startswith("qlora"))}
     rows = path_summary(result)
     assert [r["path"] for r in rows] == list(reference) and all(r["saved_bytes"] > 0 for r in rows)
     for row in rows:  # the summary's ratios are the rows' own numbers divided
-        suffix = "" if row["path"] == "fp32" else f" [{row['path']}]"
-        eff, peft = result["methods"][f"efficient p=0.05{suffix}"], result["methods"][f"peft p=0.05{suffix}"]
+        eff, peft = (find(result["methods"], method=m, dropout=0.05, path=row["path"]) for m in ("efficient", "peft"))
         assert row["saved_bytes"] == eff["saved_bytes"] / peft["saved_bytes"] and row["step_s"] == eff["step_s"] / peft["step_s"]
         assert row["meets_goal"] == (row["saved_bytes"] <= 0.75 and row["step_s"] <= 1.0)
     assert "efficient/peft per path" in format_bench(result)

@@ -328,7 +328,7 @@ def test_finetune_cli_trains_a_variant_whose_adapter_peft_loads(flags, tmp_path)
     else: assert config["r"] == 32 and config["init_lora_weights"] is True and config["lora_alpha"] == 64
 
 
-@pytest.mark.parametrize("args, message", [(["finetune", "--init", "olora"], "init_lora_weights='olora'"),
+@pytest.mark.parametrize("args, message", [(["finetune", "--init", "olora"], "argument --init: must be kaiming"),
                                            (["finetune", "--dora", "--4bit"], "16 or 32 bits"),
                                            (["estimate", "--dora", "--method", "qlora"], "DoRA")])
 @pytest.mark.slow
