@@ -6,17 +6,14 @@ Docs: https://lora-kit.github.io/lora_kit/bench.html.md"""
 
 # %% auto #0
 __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'DEFAULT_METHODS', 'LORA_METHODS', 'PATHS', 'PATH_NAMES', 'DTYPES',
-           'INFERENCE_ROUNDS', 'RATIO_PAIRS', 'RATIO_KEYS', 'METHOD_NAMES', 'GOAL', 'VARIANTS', 'bench_llama',
-           'hf_loss', 'chunked_loss', 'path_label', 'bench_checkpoint', 'path_base', 'Trainee', 'time_interleaved',
+           'INFERENCE_ROUNDS', 'RATIO_PAIRS', 'RATIO_KEYS', 'METHOD_NAMES', 'GOAL', 'bench_llama', 'hf_loss',
+           'chunked_loss', 'path_label', 'bench_checkpoint', 'path_base', 'Trainee', 'time_interleaved',
            'peak_step_bytes', 'saved_activation_bytes', 'inference_latency', 'Run', 'find', 'bench_batch', 'run_bench',
-           'path_summary', 'format_paths', 'format_bench', 'plot_paths', 'demo_trainee', 'rank_sweep',
-           'plot_rank_sweep', 'format_rank_sweep', 'variant_sweep', 'variant_step_seconds', 'format_variant_sweep',
-           'plot_variant_sweep', 'add_bench_arguments', 'bench_main', 'add_sweep_arguments', 'sweep_main', 'main']
+           'path_summary', 'format_paths', 'format_bench', 'plot_paths', 'add_bench_arguments', 'bench_main', 'main']
 
 # %% ../nbs/15_bench.ipynb #2fe4f62d
 import argparse, json, platform, statistics, tempfile, time
 from typing import NamedTuple
-from dataclasses import fields, replace
 from pathlib import Path
 import torch
 from torch import nn
@@ -26,10 +23,7 @@ from transformers import LlamaForCausalLM
 from .core import ConfigError, LoraKitError, argument_type, atomic_write, check_value, count_params, names_from, number_type, tiny_llama_config
 from .efficient import SavedTensorLog, causal_lm_loss, count_flops
 from .inject import add_lora, merge_lora
-from .data import collate, demo_path, load_instructions, tokenize_dataset
-from .train import TrainConfig
 from .qlora import load_4bit, require_bitsandbytes
-from .finetune import DEMO_CONFIG, DEMO_RANK, DEMO_TARGETS, finetune, load_base
 
 # %% ../nbs/15_bench.ipynb #ae9cb909
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
@@ -345,153 +339,6 @@ def plot_paths(result:dict, # `run_bench(...)` with peft and `lora_kit` and/or e
     if path: atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     return fig
 
-# %% ../nbs/15_bench.ipynb #ddf39562
-def demo_trainee(rank:int, # LoRA rank
-                 targets=DEMO_TARGETS, batch_size:int=16, seed:int=0,
-                 **options) -> Trainee: # `add_lora` settings, e.g. `use_dora=True`
-    "The tiny base with rank-`rank` adapters (alpha = 2r, on the lean path where it applies, as the training job trains) on `targets`, on a batch of the demo task's first examples."
-    model, tokenizer = load_base("tiny")
-    rows = tokenize_dataset(load_instructions(demo_path("train")).select(range(batch_size)), tokenizer).to_list()
-    torch.manual_seed(seed)
-    add_lora(model, targets, r=rank, alpha=2 * rank, **options)
-    return Trainee(model, chunked_loss, collate(rows, tokenizer.pad_token_id)["input_ids"])
-
-# %% ../nbs/15_bench.ipynb #653a6116
-def rank_sweep(ranks=(1, 2, 4, 8, 16, 32), # LoRA ranks to train, each with alpha = 2r
-               config:TrainConfig=DEMO_CONFIG, # steps, learning rate, batch size and seed, the same for every rank
-               targets=DEMO_TARGETS, eval_examples:int=200) -> list[dict]:
-    "Fine-tune the tiny base on the demo task at each rank: trainable params, step time, peak step memory, eval metrics."
-    results = []
-    for rank in tqdm(ranks, desc="rank sweep"):
-        with tempfile.TemporaryDirectory() as out:
-            m = finetune(output=out, rank=rank, alpha=2 * rank, targets=targets, train=config, eval_examples=eval_examples)
-        results.append(dict(rank=rank, trainable_params=m["trainable_params"], total_params=m["total_params"],
-                            step_seconds=m["train_seconds"] / m["steps"], tokens_per_second=m["tokens_per_second"],
-                            peak_step_bytes=peak_step_bytes(demo_trainee(rank, targets, config.batch_size, config.seed)),
-                            eval_loss=m["eval_loss_after"], exact_match=m["eval_accuracy_after"]))
-    return results
-
-# %% ../nbs/15_bench.ipynb #0eaadd54
-def plot_rank_sweep(results:list[dict], # `rank_sweep(...)`
-                    path:str|Path|None=None): # also save the figure here
-    "Four panels against the rank: trainable parameters, step time, peak step memory, eval exact match and loss."
-    import matplotlib.pyplot as plt
-    ranks = [row["rank"] for row in results]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
-    panels = [("trainable_params", "trainable parameters", 1), ("step_seconds", "seconds per step", 1),
-              ("peak_step_bytes", "peak step memory (MiB)", 2**20), ("exact_match", "eval exact match", 1)]
-    for ax, (key, label, unit) in zip(axes, panels):
-        ax.plot(ranks, [row[key] / unit for row in results], "o-")
-        ax.set(xscale="log", xlabel="rank r", title=label); ax.set_xticks(ranks, [str(r) for r in ranks])
-    axes[0].set_yscale("log"); axes[1].set_ylim(bottom=0); axes[2].set_ylim(bottom=0); axes[3].set_ylim(0, 1.02)
-    loss = axes[3].twinx(); loss.plot(ranks, [row["eval_loss"] for row in results], "s--", color="tab:red")
-    loss.set_ylabel("eval loss", color="tab:red")
-    fig.tight_layout()
-    if path: atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    return fig
-
-# %% ../nbs/15_bench.ipynb #1253df72
-def format_rank_sweep(results:list[dict]) -> str:
-    "A markdown table of a `rank_sweep` result."
-    lines = ["| rank | trainable | share of model | s/step | peak step MiB | eval loss | exact match |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['rank']} | {r['trainable_params']:,} | {r['trainable_params'] / r['total_params']:.2%} | "
-              f"{r['step_seconds']:.3f} | {r['peak_step_bytes'] / 2**20:.1f} | {r['eval_loss']:.3f} | {r['exact_match']:.3f} |"
-              for r in results]
-    return "\n".join(lines)
-
-# %% ../nbs/15_bench.ipynb #27245056
-VARIANTS = {  # name: changes to the demo fine-tune (fields of `FinetuneConfig` and of its `train`)
-    "LoRA": dict(loraplus_lr_ratio=1),
-    "rsLoRA": dict(use_rslora=True, loraplus_lr_ratio=1),
-    "LoRA+": dict(),  # the demo's default: B learns at 16× the learning rate
-    "DoRA": dict(use_dora=True, loraplus_lr_ratio=1, efficient_layers=False),  # DoRA has no lean backward (lesson 07)
-    "DoRA + LoRA+": dict(use_dora=True, efficient_layers=False),
-    "PiSSA": dict(init_lora_weights="pissa", loraplus_lr_ratio=1),
-}
-
-def _split(changes:dict) -> tuple[dict, dict]:
-    "`changes` as (FinetuneConfig fields, TrainConfig fields)."
-    training = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in changes.items() if k not in training}, {k: v for k, v in changes.items() if k in training}
-
-def variant_sweep(variants=tuple(VARIANTS), # names in `VARIANTS`
-                  seeds=(0, 1, 2), # one fine-tune per variant and seed
-                  config:TrainConfig=DEMO_CONFIG, # steps, learning rate, batch size: the same for every variant
-                  eval_examples:int=200,
-                  json_path:str|Path|None=None, # rewritten after every run, so a long sweep keeps what it finished
-                 ) -> list[dict]:
-    "Fine-tune the demo task with each LoRA variant and seed: trainable params, step time, peak step memory, eval metrics."
-    if unknown := [v for v in variants if v not in VARIANTS]:
-        raise ConfigError(f"Unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}.")
-    rows, runs = [], [(v, s) for s in seeds for v in variants]
-    for name, seed in tqdm(runs, desc="variant sweep"):
-        job_fields, train_fields = _split(VARIANTS[name])
-        train_config = replace(config, seed=seed, **train_fields)
-        with tempfile.TemporaryDirectory() as out:
-            m = finetune(output=out, train=train_config, eval_examples=eval_examples, **job_fields)
-        peak = next((r["peak_step_bytes"] for r in rows if r["variant"] == name), None) or \
-            peak_step_bytes(demo_trainee(DEMO_RANK, batch_size=config.batch_size, seed=seed, **job_fields))
-        rows.append(dict(variant=name, seed=seed, trainable_params=m["trainable_params"], total_params=m["total_params"],
-                         step_seconds=m["train_seconds"] / m["steps"], peak_step_bytes=peak,
-                         eval_loss=m["eval_loss_after"], exact_match=m["eval_accuracy_after"]))
-        if json_path: atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n"))
-    return rows
-
-# %% ../nbs/15_bench.ipynb #bb6490fd
-def variant_step_seconds(variants=tuple(VARIANTS), # names in `VARIANTS`
-                         repeats:int=5, # interleaved rounds
-                         steps:int=10, # training steps per timed call
-                         batch_size:int=16) -> dict[str, float]:
-    "Median seconds per training step of each variant on one batch of the demo task, timed interleaved: fair under a shared CPU's changing load."
-    trainees = {name: demo_trainee(DEMO_RANK, batch_size=batch_size, **_split(VARIANTS[name])[0]) for name in variants}
-    times = time_interleaved({name: (lambda t=t: [t.step() for _ in range(steps)]) for name, t in trainees.items()}, repeats)
-    return {name: statistics.median(t["wall"]) / steps for name, t in times.items()}
-
-# %% ../nbs/15_bench.ipynb #d970b54a
-def _by_variant(rows:list[dict]) -> dict[str, list[dict]]:
-    out = {}
-    for row in rows: out.setdefault(row["variant"], []).append(row)
-    return out
-
-def format_variant_sweep(rows:list[dict], # `variant_sweep(...)`
-                         step_seconds:dict|None=None, # `variant_step_seconds(...)`: adds its column
-                        ) -> str:
-    "A markdown table of a `variant_sweep` result: one line per variant, mean and range over its seeds."
-    timed = step_seconds is not None
-    lines = ["| variant | trainable | seeds | exact match (per seed) | mean | eval loss (mean, min-max) | s/step in the fine-tunes (mean) |"
-             + " s/step interleaved |" * timed + " peak step MiB |", "|---|---|---|---|---|---|---|---|" + "---|" * timed]
-    for name, runs in _by_variant(rows).items():
-        em, loss, step = [r["exact_match"] for r in runs], [r["eval_loss"] for r in runs], [r["step_seconds"] for r in runs]
-        lines.append(f"| {name} | {runs[0]['trainable_params']:,} | {len(runs)} | {', '.join(f'{v:.3f}' for v in em)} | "
-                     f"{statistics.mean(em):.3f} | {statistics.mean(loss):.3f} ({min(loss):.3f}-{max(loss):.3f}) | "
-                     f"{statistics.mean(step):.3f} | " + (f"{step_seconds[name]:.3f} | " if timed else "")
-                     + f"{runs[0]['peak_step_bytes'] / 2**20:.1f} |")
-    return "\n".join(lines)
-
-# %% ../nbs/15_bench.ipynb #c173c51d
-def plot_variant_sweep(rows:list[dict], # `variant_sweep(...)`
-                       step_seconds:dict|None=None, # `variant_step_seconds(...)`: plotted instead of the fine-tunes' own times
-                       path:str|Path|None=None): # also save the figure here
-    "Four panels per variant: exact match and eval loss (each seed a dot, the mean a bar), seconds per step, peak step memory."
-    import matplotlib.pyplot as plt
-    groups = _by_variant(rows)
-    names, x = list(groups), range(len(groups))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    panels = [("exact_match", "eval exact match", 1), ("eval_loss", "eval loss", 1),
-              ("step_seconds", "seconds per step", 1), ("peak_step_bytes", "peak step memory (MiB)", 2**20)]
-    for ax, (key, label, unit) in zip(axes, panels):
-        values = [[r[key] / unit for r in groups[n]] if key != "step_seconds" or step_seconds is None else [step_seconds[n]]
-                  for n in names]
-        ax.bar(x, [statistics.mean(v) for v in values], color="lightsteelblue")
-        for i, v in enumerate(values): ax.plot([i] * len(v), v, "k.", ms=6)
-        interleaved = key == "step_seconds" and step_seconds is not None
-        ax.set_xticks(list(x), names, rotation=30, ha="right"); ax.set_title(label + " (interleaved)" * interleaved)
-    axes[0].set_ylim(0, 1.02)
-    fig.tight_layout()
-    if path: atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    return fig
-
 # %% ../nbs/15_bench.ipynb #e14e5b27
 def _floats(text:str) -> list[float]:
     try: values = [float(v) for v in text.split(",") if v.strip()]
@@ -532,31 +379,7 @@ def bench_main(args:argparse.Namespace) -> dict:
     if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result
 
-# %% ../nbs/15_bench.ipynb #0648a054
-def _ranks(text:str) -> list[int]:
-    ranks = [r.strip() for r in text.split(",") if r.strip()]
-    if not ranks or not all(r.isdigit() and int(r) >= 1 for r in ranks):
-        raise argparse.ArgumentTypeError(f"expected comma-separated ranks >= 1, got {text!r}")
-    return [int(r) for r in ranks]
-
-def add_sweep_arguments(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add the rank sweep's options to `parser`."
-    parser.add_argument("--ranks", type=_ranks, default=[1, 2, 4, 8, 16, 32], metavar="RANKS",
-                        help="ranks to fine-tune the demo task at, comma-separated (default 1,2,4,8,16,32)")
-    parser.add_argument("--steps", type=number_type(int, 1), default=DEMO_CONFIG.max_steps, help="training steps per rank (default: the demo's)")
-    parser.add_argument("--eval-examples", type=number_type(int, 1), default=200, help="held-out prompts for exact match (default 200)")
-    parser.add_argument("--plot", metavar="FILE", help="save the sweep's figure (PNG)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    return parser
-
-def sweep_main(args:argparse.Namespace) -> list[dict]:
-    "Run the rank sweep the parsed `args` describe, print its table, optionally plot and write JSON; returns the rows."
-    results = rank_sweep(args.ranks, replace(DEMO_CONFIG, max_steps=args.steps), eval_examples=args.eval_examples)
-    print(format_rank_sweep(results))
-    if args.plot: plot_rank_sweep(results, args.plot)
-    if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
-    return results
-
+# %% ../nbs/15_bench.ipynb #6e2f9a41
 def main(argv:list[str]|None=None):
     "`python -m lora_kit.bench [options]`: the step benchmark."
     parser = add_bench_arguments(argparse.ArgumentParser(prog="python -m lora_kit.bench", description=__doc__))

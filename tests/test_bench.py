@@ -221,3 +221,11 @@ def test_three_paths_start_from_transformers_own_loss(checkpoint):
         assert row["saved_bytes"] == eff["saved_bytes"] / peft["saved_bytes"] and row["step_s"] == eff["step_s"] / peft["step_s"]
         assert row["meets_goal"] == (row["saved_bytes"] <= 0.75 and row["step_s"] <= 1.0)
     assert "efficient/peft per path" in format_bench(result)
+
+
+def test_the_step_benchmark_loads_without_the_fine_tuning_job():
+    "Split by job: `lora_kit.bench` is the step benchmark alone; the demo-task sweeps that run the fine-tune are `lora_kit.sweeps`."
+    check = "import sys, lora_kit.{}; print(sorted(m for m in ('lora_kit.finetune', 'lora_kit.train') if m in sys.modules))"
+    alone = subprocess.run([sys.executable, "-c", check.format("bench")], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    sweeps = subprocess.run([sys.executable, "-c", check.format("sweeps")], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert (alone.stdout.strip(), sweeps.stdout.strip()) == ("[]", "['lora_kit.finetune', 'lora_kit.train']"), alone.stderr + sweeps.stderr

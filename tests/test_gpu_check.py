@@ -35,7 +35,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert training["base_written"]["seconds"] >= 0
     rows = {(row["setup"], row["implementation"]): row for row in training["rows"]}
     assert set(rows) == {(s, i) for s in ("NF4 QLoRA", "fp32 LoRA") for i in ("lora_kit", "peft + bitsandbytes")} \
-        | {("fp32 full", "transformers")}  # the study's comparison (lesson 18): full fine-tuning beside LoRA and QLoRA
+        | {("fp32 full", "transformers")}  # the study's comparison (lesson 19): full fine-tuning beside LoRA and QLoRA
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["peak_bytes"] > 0
         assert 0.5 < row["peak_bytes"] / row["estimate_bytes"] < 2  # the closed form tracks the measured step

@@ -12,7 +12,7 @@ each (so a run cut short still leaves one):
 (c) `training`: LLaMA-2-7B with random weights, built in bf16 on the GPU and written once (the time measured) to
     memory-backed /dev/shm where it fits, else the temporary folder; NF4 QLoRA and bf16 LoRA, all linear layers at
     r=16, 512 tokens × batch 4, for lora_kit and for peft + bitsandbytes, and full fine-tuning in bf16 (the study's
-    comparison of lesson 18 at 7B shapes): tokens per second over the timed steps and `torch.cuda.max_memory_allocated`
+    comparison of lesson 19 at 7B shapes): tokens per second over the timed steps and `torch.cuda.max_memory_allocated`
     against the estimate;
 (d) `paths`: issue 18's comparison, `lora_kit.bench.run_bench` on the fp32, autocast and qlora paths, lora_kit's
     lean layer + chunked loss against peft (4 blocks of LLaMA-2-7B's width, one interleaved run);
