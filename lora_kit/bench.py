@@ -8,8 +8,9 @@ Docs: https://lora-kit.github.io/lora_kit/bench.html.md"""
 __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'DEFAULT_METHODS', 'LORA_METHODS', 'PATHS', 'PATH_NAMES', 'DTYPES',
            'INFERENCE_ROUNDS', 'RATIO_PAIRS', 'RATIO_KEYS', 'METHOD_NAMES', 'GOAL', 'bench_llama', 'hf_loss',
            'chunked_loss', 'path_label', 'bench_checkpoint', 'path_base', 'Trainee', 'time_interleaved',
-           'peak_step_bytes', 'saved_activation_bytes', 'inference_latency', 'Run', 'find', 'bench_batch', 'run_bench',
-           'path_summary', 'format_paths', 'format_bench', 'plot_paths', 'add_bench_arguments', 'bench_main', 'main']
+           'peak_step_bytes', 'saved_activation_bytes', 'inference_latency', 'Run', 'run_label', 'find', 'bench_batch',
+           'run_bench', 'path_summary', 'format_paths', 'format_bench', 'plot_paths', 'add_bench_arguments',
+           'bench_main', 'main']
 
 # %% ../nbs/15_bench.ipynb #2fe4f62d
 import argparse, json, platform, statistics, tempfile, time
@@ -202,6 +203,11 @@ class Run(NamedTuple):
     def __str__(self) -> str: # as the tables show it: `efficient p=0.05 [qlora bf16]`
         return self.method + ("" if self.dropout is None else f" p={self.dropout}") + ("" if self.path == "fp32" else f" [{self.path}]")
 
+def run_label(row:dict, # a record of a result's `methods` or `ratios`
+         ) -> str:
+    "How the tables name a record: its `Run`, with `num/den` as the method of a ratio."
+    return str(Run(row.get("method") or f"{row['num']}/{row['den']}", row["dropout"], row["path"]))
+
 def find(rows:list[dict], # a result's `methods` or `ratios`
          **fields) -> dict|None:
     "The first of `rows` whose values of `fields` are these; None if there is none."
@@ -303,11 +309,11 @@ def format_bench(result:dict) -> str:
              "", "| method | step wall s (median) | wall min-max | step CPU s (median) | peak MiB | saved for backward MiB | GFLOP/step | trainable |",
              "|---|---|---|---|---|---|---|---|"]
     for m in result["methods"]:
-        lines.append(f"| {Run(m['method'], m['dropout'], m['path'])} | {m['step_s']:.3f} | {min(m['step_s_all']):.2f}-{max(m['step_s_all']):.2f} | {m['step_cpu_s']:.3f} | "
+        lines.append(f"| {run_label(m)} | {m['step_s']:.3f} | {min(m['step_s_all']):.2f}-{max(m['step_s_all']):.2f} | {m['step_cpu_s']:.3f} | "
                      f"{m['peak_bytes'] / 2**20:.0f} | {m['saved_bytes'] / 2**20:.0f} | {m['flops'] / 1e9:.1f} | {m['trainable_params']:,} |")
     lines += ["", "| ratio | step wall time | step CPU time | peak memory | saved for backward | FLOPs |", "|---|---|---|---|---|---|"]
     for r in result["ratios"]:
-        lines.append(f"| {Run(r['num'] + '/' + r['den'], r['dropout'], r['path'])} | {r['step_s']:.3f} | {r['step_cpu_s']:.3f} | "
+        lines.append(f"| {run_label(r)} | {r['step_s']:.3f} | {r['step_cpu_s']:.3f} | "
                      f"{r['peak_bytes']:.3f} | {r['saved_bytes']:.3f} | {r['flops']:.3f} |")
     if path_summary(result): lines += ["", format_paths(result)]
     if inf := result.get("inference"):
