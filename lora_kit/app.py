@@ -10,8 +10,8 @@ __all__ = ['MIXED_BASES', 'FORMS', 'TIMED_TOKENS', 'REPEATS', 'ENV_MODEL', 'ENV_
            'check_fits', 'open_folder', 'adapter_variant', 'adapter_summary', 'headline', 'prompt_text', 'fit_prompt',
            'timed_tokens', 'merged_adapters', 'as_form', 'latency', 'compare', 'latency_rows', 'side_by_side',
            'rank_choices', 'adapted_suffixes', 'memory_unit', 'memory_chart', 'assumptions', 'fit_rows',
-           'markdown_table', 'pick_adapter', 'reply_titles', 'show_result', 'generate_tab', 'efficiency_tab',
-           'adapter_tab', 'render', 'serve']
+           'markdown_table', 'pick_adapter', 'reply_titles', 'show_result', 'generate_tab', 'efficiency_headline',
+           'efficiency_tab', 'adapter_tab', 'render', 'serve']
 
 # %% ../nbs/17_app.ipynb #dd7282c3
 import importlib.util, json, os, shutil, statistics, tempfile, threading, time
@@ -225,12 +225,13 @@ def latency(model, tokenizer, prompt:str, n_tokens:int=TIMED_TOKENS, repeats:int
             for form, ms in runs.items()}
 
 # %% ../nbs/17_app.ipynb #c09618ae
-def compare(model, tokenizer, prompt:str, max_new_tokens:int=48, temperature:float=0.0, top_p:float=1.0,
+def compare(model, tokenizer, prompt:str,
             merged:bool=False, # the adapter's reply from the merged weights
             adapter:str|None="default", # the adapter that answers beside the base; None: the base alone
-            n_timed:int=TIMED_TOKENS, repeats:int=REPEATS) -> dict:
+            n_timed:int=TIMED_TOKENS, repeats:int=REPEATS, # the latency: tokens decoded per form, repeats
+            **generation) -> dict: # `generate`'s settings: max_new_tokens, temperature, top_p
     "The base's and `adapter`'s replies to `prompt`, and the `latency` of their forms (None for a form whose reply is empty)."
-    run = lambda: generate(model, tokenizer, [prompt], max_new_tokens, temperature=temperature, top_p=top_p)[0]
+    run = lambda: generate(model, tokenizer, [prompt], **generation)[0]
     with as_form(model, "base"): base = run()
     adapted, forms = None, ("base",)
     if adapter is not None:
@@ -405,11 +406,23 @@ def generate_tab(st, model, tokenizer, source:dict, # the adapter folder and bas
     if st.button("Generate", type="primary"):
         with st.spinner(work), MODEL_LOCK:
             if together: result = side_by_side(model, tokenizer, prompt, max_new, settings["temperature"], settings["top_p"])
-            else: result = compare(model, tokenizer, prompt, max_new, settings["temperature"], settings["top_p"], merged, adapter)
+            else: result = compare(model, tokenizer, prompt, merged, adapter, max_new_tokens=max_new,
+                                   temperature=settings["temperature"], top_p=settings["top_p"])
         st.session_state["result"] = result | dict(settings=settings)
     if result := st.session_state.get("result"): show_result(st, result, several, stale=result["settings"] != settings)
 
 # %% ../nbs/17_app.ipynb #3a1178b5
+def efficiency_headline(st, estimates:dict, # `accounting.estimate_methods(...)`
+             method:str, which:str): # the headline method, and the model the numbers are for
+    "Four numbers of `method`: its trainable parameters and share, its FLOPs per step against full fine-tuning, its memory."
+    chosen, full = estimates[method], estimates["full"]
+    unit, scale = memory_unit(max(e["memory_bytes"]["total"] for e in estimates.values()))
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("Trainable parameters", f"{chosen['params_trainable']:,}", help=f"{method} on {which}")
+    m2.metric("Trainable share", f"{chosen['trainable_percent']:.3g}%", help=f"of {chosen['params_total']:,} parameters")
+    m3.metric("FLOPs per step vs full", f"{chosen['flops_per_step'] / full['flops_per_step']:.0%}")
+    m4.metric(f"Memory per step ({method}, estimate)", f"{chosen['memory_bytes']['total'] / scale:,.2f} {unit}")
+
 def efficiency_tab(st, model, info:dict|None, # `adapter_summary` of the adapter that answers; None: the base alone
                    base_label:str, adapter:str|None="default"):
     "The Efficiency tab: the model the numbers are for and every assumption, the trainable share, one bar per method, GPU fit."
@@ -436,16 +449,10 @@ def efficiency_tab(st, model, info:dict|None, # `adapter_summary` of the adapter
     checkpointing = st.toggle("Gradient checkpointing", False)
     setup = accounting.Setup(method, rank, targets, precision, seq_len, batch, grad_checkpointing=checkpointing)
     estimates = accounting.estimate_methods(choices[which], setup)
-    chosen, full = estimates[method], estimates["full"]
-    unit, scale = memory_unit(max(e["memory_bytes"]["total"] for e in estimates.values()))
-    m1, m2, m3, m4 = st.columns(4)
-    m1.metric("Trainable parameters", f"{chosen['params_trainable']:,}", help=f"{method} on {which}")
-    m2.metric("Trainable share", f"{chosen['trainable_percent']:.3g}%", help=f"of {chosen['params_total']:,} parameters")
-    m3.metric("FLOPs per step vs full", f"{chosen['flops_per_step'] / full['flops_per_step']:.0%}")
-    m4.metric(f"Memory per step ({method}, estimate)", f"{chosen['memory_bytes']['total'] / scale:,.2f} {unit}")
+    efficiency_headline(st, estimates, method, which)
     st.vega_lite_chart(spec=memory_chart(estimates, gpu))
     st.markdown(markdown_table(fit_rows(estimates)))
-    st.caption(assumptions(chosen))
+    st.caption(assumptions(estimates[method]))
     peak = ((info or {}).get("metrics") or {}).get("peak_memory_bytes")
     if peak and which.startswith("running base"):
         st.caption(f"Measured, not estimated: {peak / 2**20:,.0f} MiB peak while this adapter trained (its metrics.json). "

@@ -6,14 +6,15 @@ Docs: https://lora-kit.github.io/lora_kit/bench.html.md"""
 
 # %% auto #0
 __all__ = ['BENCH_MODEL', 'TINY_MODEL', 'METHODS', 'DEFAULT_METHODS', 'LORA_METHODS', 'PATHS', 'PATH_NAMES', 'DTYPES',
-           'INFERENCE_ROUNDS', 'RATIO_PAIRS', 'RATIO_KEYS', 'METHOD_NAMES', 'GOAL', 'bench_llama', 'hf_loss',
-           'chunked_loss', 'path_label', 'bench_checkpoint', 'path_base', 'Trainee', 'time_interleaved',
+           'METHOD_NAMES', 'DEVICE', 'INFERENCE_ROUNDS', 'RATIO_PAIRS', 'RATIO_KEYS', 'GOAL', 'bench_llama', 'hf_loss',
+           'chunked_loss', 'path_label', 'bench_checkpoint', 'path_base', 'BenchConfig', 'Trainee', 'time_interleaved',
            'peak_step_bytes', 'saved_activation_bytes', 'inference_latency', 'Run', 'run_label', 'find', 'bench_batch',
            'run_bench', 'path_summary', 'format_paths', 'format_bench', 'plot_paths', 'add_bench_arguments',
            'bench_main', 'main']
 
 # %% ../nbs/15_bench.ipynb #2fe4f62d
 import argparse, json, platform, statistics, tempfile, time
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 from pathlib import Path
 import torch
@@ -21,7 +22,9 @@ from torch import nn
 from torch.profiler import profile, ProfilerActivity
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
-from .core import ConfigError, LoraKitError, argument_type, atomic_write, check_value, count_params, names_from, number_type, tiny_llama_config
+from .core import (ALPHA, DROPOUT, RANK, SWITCH, ConfigError, LoraKitError, Rule, add_setting_arguments, atomic_write,
+                           check_fields, check_value, count_params, integer_at_least, names_from, number_type, one_of, setting,
+                           settings_from, several, tiny_llama_config)
 from .efficient import SavedTensorLog, causal_lm_loss, count_flops
 from .inject import add_lora, merge_lora
 from .qlora import load_4bit, require_bitsandbytes
@@ -87,6 +90,44 @@ def path_base(path:str, # a name in `PATHS`
     if checkpoint is None: raise ConfigError("The qlora path loads the model from a folder: pass checkpoint=bench_checkpoint(folder, dtype).")
     return load_4bit(str(checkpoint), compute_dtype=dtype), dtype
 
+# %% ../nbs/15_bench.ipynb #b3c0f1a8
+METHOD_NAMES = names_from(*METHODS)
+
+def _is_device(value) -> bool:
+    try: return isinstance(value, str) and torch.device(value) is not None
+    except RuntimeError: return False
+
+DEVICE = Rule(_is_device, "a torch device: cpu, cuda, cuda:1, ...")
+
+@dataclass(frozen=True)
+class BenchConfig:
+    "What one step benchmark runs: the methods, the paths, the LoRA settings, the batch and how often to time it."
+    methods:tuple = setting(DEFAULT_METHODS, METHOD_NAMES, f"the methods to time, from {', '.join(METHODS)}")
+    paths:tuple = setting(("fp32",), PATH_NAMES, f"where to train, from {', '.join(PATHS)}: fp32 weights; a 16-bit base under autocast; a 4-bit NF4 base "
+                                                  "under autocast (needs lora_kit[qlora])", flag="--path")
+    dtype:str = setting("bf16", one_of(*DTYPES), "the 16-bit dtype of the autocast and qlora paths")
+    dropouts:tuple = setting((0.05, 0.0), several(DROPOUT), "LoRA dropouts: each LoRA method runs once per value")
+    repeats:int = setting(5, integer_at_least(1), "interleaved rounds of steps; the median is reported")
+    batch_size:int = setting(4, integer_at_least(1), "sequences per step")
+    seq_len:int = setting(256, integer_at_least(2), "tokens per sequence")
+    rank:int = setting(8, RANK, "the adapters' r")
+    alpha:float = setting(16.0, ALPHA, "the adapters' alpha")
+    device:str = setting("cuda" if torch.cuda.is_available() else "cpu", DEVICE, "where to run")
+    inference:bool = setting(True, SWITCH, "also time the base against unmerged and merged adapters (fp32 forward passes)")
+    seed:int = setting(0, integer_at_least(0), "the seed of the weights and of the batch")
+
+    def __post_init__(self):
+        check_fields(self)
+        kind = torch.device(self.device).type
+        if kind == "cuda" and not torch.cuda.is_available(): raise ConfigError(f"device={self.device!r}, but this torch sees no CUDA GPU: use 'cpu'.", field="device")
+        if "qlora" in self.paths:
+            require_bitsandbytes()
+            where = "cuda" if torch.cuda.is_available() else "cpu"
+            if kind != where: raise ConfigError(f"the qlora path: load_4bit puts the model on {where}; use device {where!r}.", field="device")
+
+    @property
+    def torch_dtype(self) -> torch.dtype: return DTYPES[self.dtype]
+
 # %% ../nbs/15_bench.ipynb #316e888a
 class Trainee:
     "A model, its loss on a fixed batch `ids` and AdamW over what is trainable; `step()` is forward, backward, optimizer step, zero_grad."
@@ -96,14 +137,15 @@ class Trainee:
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     @classmethod
-    def for_method(cls, method:str, ids:torch.Tensor, r:int=8, alpha:float=16, dropout:float=0.0, model_config:dict|None=None,
+    def for_method(cls, method:str, ids:torch.Tensor,
+                   config:BenchConfig=BenchConfig(), # its rank, alpha and 16-bit dtype
                    path:str="fp32", # a name in `PATHS`
-                   dtype:torch.dtype=torch.bfloat16, # the 16-bit dtype of the autocast and qlora paths
+                   dropout:float=0.0, model_config:dict|None=None, # overrides of `BENCH_MODEL`
                    checkpoint:str|Path|None=None): # `bench_checkpoint(...)`, for the qlora path
         "The benchmark model made trainable by `method` (a name in `METHODS`) on `path`, with that method's loss."
         make_trainable, loss_fn = METHODS[method]
-        model, autocast = path_base(path, method, dtype, ids.device, model_config, checkpoint)
-        return cls(make_trainable(model, r, alpha, dropout), loss_fn, ids, autocast)
+        model, autocast = path_base(path, method, config.torch_dtype, ids.device, model_config, checkpoint)
+        return cls(make_trainable(model, config.rank, config.alpha, dropout), loss_fn, ids, autocast)
 
     def loss(self) -> torch.Tensor:
         "The loss on the batch, its forward under autocast to `self.autocast` if set (else in whatever autocast the caller set)."
@@ -229,53 +271,32 @@ def bench_batch(batch_size:int, seq_len:int, vocab_size:int, seed:int=0, device=
     "The benchmark's batch of token ids: uniform over the vocabulary, the same for the same seed."
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
 
-METHOD_NAMES = names_from(*METHODS)
-
-def _check_bench(methods, paths, dtype, repeats, batch_size, seq_len, device):
-    check_value("methods", methods, METHOD_NAMES); check_value("paths", paths, PATH_NAMES)
-    if dtype not in DTYPES.values(): raise ConfigError(f"dtype={dtype}: the 16-bit paths run in {' or '.join(map(str, DTYPES.values()))}.")
-    if repeats < 1 or batch_size < 1 or seq_len < 2: raise ConfigError("repeats and batch_size must be >= 1 and seq_len >= 2.")
-    if "qlora" in paths:
-        require_bitsandbytes()
-        where = "cuda" if torch.cuda.is_available() else "cpu"
-        if torch.device(device).type != where: raise ConfigError(f"--path qlora: load_4bit puts the model on {where}; use --device {where}.")
-
-def run_bench(methods=DEFAULT_METHODS, # names in `METHODS`
-              dropouts=(0.05, 0.0), # LoRA dropout values; each LoRA method runs once per value
-              repeats:int=5, batch_size:int=4, seq_len:int=256, r:int=8, alpha:float=16,
-              device="cpu", model_config:dict|None=None, # overrides of `BENCH_MODEL`
-              inference:bool=True, # also time base vs unmerged vs merged forward passes (fp32)
-              seed:int=0,
-              paths=("fp32",), # names in `PATHS`: each method runs on every path it applies to, all in one timing loop
-              dtype:torch.dtype=torch.bfloat16, # the 16-bit dtype of the autocast and qlora paths
+def run_bench(config:BenchConfig=BenchConfig(), # what to run: methods, paths, LoRA settings, batch, repeats
+              model_config:dict|None=None, # overrides of `BENCH_MODEL`
              ) -> dict:
     "Step time (median of interleaved repeats), peak memory, saved activations and FLOPs per step of each method on each path."
-    paths = PATH_NAMES.parse(paths) if isinstance(paths, str) else tuple(dict.fromkeys(paths))  # "fp32,qlora" too; each once
-    _check_bench(methods, paths, dtype, repeats, batch_size, seq_len, device)
-    config = (model_config or {}) | dict(max_position_embeddings=max(512, seq_len))
-    ids = bench_batch(batch_size, seq_len, (BENCH_MODEL | config)["vocab_size"], seed, device)
-    runs = {Run(m, p, path_label(path, dtype)): path for path in paths for m in methods  # run: the path it is on
-            if path != "qlora" or m in LORA_METHODS for p in ([None] if m not in LORA_METHODS else dropouts)}
+    c, model = config, (model_config or {}) | dict(max_position_embeddings=max(512, config.seq_len))
+    ids = bench_batch(c.batch_size, c.seq_len, (BENCH_MODEL | model)["vocab_size"], c.seed, c.device)
+    runs = {Run(m, p, path_label(path, c.torch_dtype)): path for path in dict.fromkeys(c.paths) for m in c.methods  # run: its path
+            if path != "qlora" or m in LORA_METHODS for p in ([None] if m not in LORA_METHODS else c.dropouts)}
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = bench_checkpoint(folder, dtype, config) if "qlora" in paths else None
-        trainees = {run: Trainee.for_method(run.method, ids, r, alpha, run.dropout or 0.0, config, path, dtype, checkpoint)
+        checkpoint = bench_checkpoint(folder, c.torch_dtype, model) if "qlora" in c.paths else None
+        trainees = {run: Trainee.for_method(run.method, ids, c, path, run.dropout or 0.0, model, checkpoint)
                     for run, path in tqdm(runs.items(), desc="building the trainees", leave=False)}
     with torch.no_grad(): losses = {run: t.loss().item() for run, t in trainees.items()}
-    times = time_interleaved({run: t.step for run, t in trainees.items()}, repeats, device)
+    times = time_interleaved({run: t.step for run, t in trainees.items()}, c.repeats, c.device)
     results = [run._asdict() | dict(initial_loss=losses[run], step_s=statistics.median(times[run]["wall"]),
                                     step_cpu_s=statistics.median(times[run]["cpu"]), step_s_all=times[run]["wall"],
                                     step_cpu_s_all=times[run]["cpu"], peak_bytes=peak_step_bytes(trainees[run]),
                                     saved_bytes=saved_activation_bytes(trainees[run]), flops=count_flops(trainees[run].step),
                                     trainable_params=count_params(trainees[run].model, trainable_only=True))
                for run in runs]
-    labels = [path_label(path, dtype) for path in paths]
+    labels = [path_label(path, c.torch_dtype) for path in dict.fromkeys(c.paths)]
     return dict(
-        setup=dict(model=BENCH_MODEL | config, params=count_params(bench_llama(**config)), batch_size=batch_size,
-                   seq_len=seq_len, r=r, alpha=alpha, targets="all-linear", dropouts=list(dropouts), repeats=repeats,
-                   paths=labels, device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                   cpu=_cpu_name(), python=platform.python_version()),
-        methods=results, ratios=_ratios(results, dropouts, labels),
-        inference=inference_latency(ids[:1], r, INFERENCE_ROUNDS * repeats, config) if inference else None)
+        setup=asdict(c) | dict(model=BENCH_MODEL | model, params=count_params(bench_llama(**model)), targets="all-linear", paths=labels,
+                               threads=torch.get_num_threads(), torch=torch.__version__, cpu=_cpu_name(), python=platform.python_version()),
+        methods=results, ratios=_ratios(results, c.dropouts, labels),
+        inference=inference_latency(ids[:1], c.rank, INFERENCE_ROUNDS * c.repeats, model) if c.inference else None)
 
 # %% ../nbs/15_bench.ipynb #47dba3a5
 def _cpu_name() -> str:
@@ -303,7 +324,7 @@ def format_bench(result:dict) -> str:
     "Markdown tables of a `run_bench` result: per method, the target ratios, efficient/peft per path, and inference latency."
     s = result["setup"]
     lines = [f"{s['params'] / 1e6:.1f}M-parameter LLaMA (vocab {s['model']['vocab_size']}, hidden {s['model']['hidden_size']}, "
-             f"{s['model']['num_hidden_layers']} layers), batch {s['batch_size']} x seq {s['seq_len']}, LoRA r={s['r']} "
+             f"{s['model']['num_hidden_layers']} layers), batch {s['batch_size']} x seq {s['seq_len']}, LoRA r={s['rank']} "
              f"all-linear; paths {', '.join(s['paths'])}; {s['device']}, {s['threads']} threads, torch {s['torch']}; "
              f"median of {s['repeats']} interleaved steps",
              "", "| method | step wall s (median) | wall min-max | step CPU s (median) | peak MiB | saved for backward MiB | GFLOP/step | trainable |",
@@ -346,41 +367,19 @@ def plot_paths(result:dict, # `run_bench(...)` with peft and `lora_kit` and/or e
     return fig
 
 # %% ../nbs/15_bench.ipynb #e14e5b27
-def _floats(text:str) -> list[float]:
-    try: values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(0 <= v < 1 for v in values): raise argparse.ArgumentTypeError(f"dropouts must be in [0, 1), got {text!r}")
-    return values
-
 def add_bench_arguments(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add the step benchmark's options to `parser`."
-    parser.add_argument("--methods", type=argument_type(METHOD_NAMES), default=DEFAULT_METHODS, help=f"comma-separated, from {','.join(METHODS)}")
-    parser.add_argument("--path", type=argument_type(PATH_NAMES), default=("fp32",), metavar="PATHS",
-                        help=f"where to train, comma-separated, from {','.join(PATHS)} (default fp32): fp32 weights; a "
-                             "16-bit base under autocast; a 4-bit NF4 base under autocast (needs lora_kit[qlora])")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="the 16-bit dtype of the autocast and qlora paths (default bf16)")
-    parser.add_argument("--dropouts", type=_floats, default=[0.05, 0.0], help="LoRA dropouts, comma-separated (default 0.05,0)")
-    parser.add_argument("--repeats", type=number_type(int, 1), default=5, help="interleaved rounds of steps (default 5)")
-    parser.add_argument("--batch-size", type=number_type(int, 1), default=4)
-    parser.add_argument("--seq-len", type=number_type(int, 2), default=256)
-    parser.add_argument("--rank", type=number_type(int, 1), default=8)
-    parser.add_argument("--alpha", type=number_type(float, 0, open_low=True), default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    "The step benchmark's options on `parser`: a flag per `BenchConfig` field, and the command line's own three."
+    add_setting_arguments(parser, BenchConfig())
     parser.add_argument("--threads", type=number_type(int, 1), default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run in seconds, not a benchmark")
-    parser.add_argument("--no-inference", action="store_true", help="skip the merged/unmerged latency")
     parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     return parser
 
 def bench_main(args:argparse.Namespace) -> dict:
     "Run the step benchmark the parsed `args` describe, print the tables, optionally write JSON; returns the result."
+    config = settings_from(BenchConfig, args)
     if args.threads is not None: torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but this torch sees no CUDA GPU; use --device cpu.")
-    result = run_bench(methods=args.methods, dropouts=args.dropouts,
-                       repeats=args.repeats, batch_size=args.batch_size, seq_len=args.seq_len, r=args.rank,
-                       alpha=args.alpha, device=args.device, model_config=TINY_MODEL if args.tiny else None,
-                       inference=not args.no_inference, paths=args.path, dtype=DTYPES[args.dtype])
+    result = run_bench(config, TINY_MODEL if args.tiny else None)
     print(format_bench(result))
     if args.json: atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result

@@ -33,9 +33,9 @@ def config_from(command:str, # the subcommand, for the message
                 kind:type, # a dataclass declared with lesson 00's `setting`
                 args:argparse.Namespace, # parsed by a parser `add_setting_arguments` built for `kind`
                ):
-    "The `kind` of the parsed `lora-kit command` arguments; a setting it refuses raises `UsageError` naming the setting's flag."
+    "The `kind` of the parsed `lora-kit command` arguments; a setting it refuses raises `UsageError` naming the setting's flag (`settings_from`'s message)."
     try: return settings_from(kind, args)
-    except ConfigError as e: raise UsageError(f"lora-kit {command} {setting_flags(kind).get(e.field, '')}: {e}".replace(" :", ":")) from None
+    except ConfigError as e: raise UsageError(f"lora-kit {command}{' ' if e.field in setting_flags(kind) else ': '}{e}") from None
 
 def estimate_args(args) -> dict:
     "The `estimate` of the parsed `lora-kit estimate` arguments; bad input raises `UsageError`."

@@ -8,7 +8,7 @@ Docs: https://lora-kit.github.io/lora_kit/core.html.md"""
 __all__ = ['KNOWN_HARMLESS', 'SWITCH', 'TEXT', 'PATH', 'RANK', 'ALPHA', 'DROPOUT', 'SPECIAL_TOKENS', 'LLAMA2_SHAPES',
            'WRITE_ERRNOS', 'WRITE_FAILED', 'LOCK_NAME', 'in_test', 'pick', 'gpu_available', 'auto_precision',
            'quiet_known_warnings', 'named_paths', 'LoraKitError', 'ConfigError', 'MissingFileError',
-           'MissingExtraError', 'WriteError', 'BusyError', 'Rule', 'number_in', 'integer_at_least', 'one_of',
+           'MissingExtraError', 'WriteError', 'BusyError', 'Rule', 'number_in', 'integer_at_least', 'one_of', 'several',
            'names_from', 'optional', 'check_value', 'setting', 'check_fields', 'argument_type', 'number_type',
            'flag_of', 'add_setting_arguments', 'settings_from', 'setting_flags', 'byte_tokenizer', 'tiny_llama_config',
            'tiny_llama', 'llama2_config', 'meta_llama', 'count_params', 'write_failure', 'write_error',
@@ -130,11 +130,17 @@ def one_of(*choices) -> Rule:
     accepted = " or ".join(map(repr, choices)) if len(choices) <= 2 else "one of " + ", ".join(map(repr, choices))
     return Rule(lambda v: any(type(v) is type(c) and v == c for c in choices), accepted, type(choices[0]), choices)
 
+def several(rule:Rule, # what each value must be
+            accepted:str|None=None, # the words for the whole; None: from `rule`'s
+           ) -> Rule:
+    "One or more values `rule` accepts, each once: a tuple in Python, comma-separated on the command line."
+    parse = lambda text: tuple(dict.fromkeys(rule.parse(t.strip()) for t in text.split(",") if t.strip()))
+    return Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(rule.check(x) for x in v),
+                accepted or f"{rule.accepted}, or several comma-separated", parse)
+
 def names_from(*choices:str) -> Rule:
     "One or more of `choices`, each once: a tuple in Python, comma-separated on the command line."
-    parse = lambda text: tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    return Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(n in choices for n in v),
-                f"one or more of {', '.join(choices)}, comma-separated", parse)
+    return several(one_of(*choices), f"one or more of {', '.join(choices)}, comma-separated")
 
 def optional(rule:Rule) -> Rule:
     "`rule`, or None: the setting left unset."
@@ -185,7 +191,7 @@ def flag_of(f) -> str:
 
 def _shown(value, rule:Rule) -> str:
     "`value` as typed on the command line."
-    return rule.show(value) if rule.show else ",".join(value) if isinstance(value, tuple) else str(value)
+    return rule.show(value) if rule.show else ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 def add_setting_arguments(parser:argparse.ArgumentParser,
                           settings, # a dataclass instance: its values are the defaults
@@ -203,11 +209,17 @@ def add_setting_arguments(parser:argparse.ArgumentParser,
                                 help=help + ("" if value is None else f" (default: {_shown(value, rule)})"))
     return parser
 
+def _settings(kind:type, args:argparse.Namespace):
+    return kind(**{f.name: _settings(f.type, args) if is_dataclass(f.type) else getattr(args, f.name) for f in fields(kind)})
+
 def settings_from(kind:type, # a dataclass declared with `setting`
                   args:argparse.Namespace, # parsed by a parser `add_setting_arguments` built for `kind`
                  ):
-    "The `kind` the parsed `args` give, a nested dataclass's fields included; its checks run as for any other."
-    return kind(**{f.name: settings_from(f.type, args) if is_dataclass(f.type) else getattr(args, f.name) for f in fields(kind)})
+    "The `kind` the parsed `args` give, a nested dataclass's fields included; a refusal of its checks starts with the flag to change."
+    try: return _settings(kind, args)
+    except ConfigError as e:
+        flag = setting_flags(kind).get(e.field)
+        raise ConfigError(f"{flag}: {e}" if flag else str(e), field=e.field) from None
 
 def setting_flags(kind:type) -> dict[str, str]:
     "Field name -> command-line flag for every field of the dataclass `kind`, a nested dataclass's fields included."

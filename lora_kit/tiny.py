@@ -12,9 +12,10 @@ __all__ = ['PRONOUNS', 'NOUNS', 'ADJECTIVES', 'DETERMINERS', 'VERBS', 'PLACES', 
            'build_tiny_base', 'generate', 'exact_match']
 
 # %% ../nbs/09_tiny_base.ipynb #66fda2ba
-import json, math, random, time
+import json, math, random
 from pathlib import Path
 import torch
+from tqdm.auto import tqdm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from .core import SPECIAL_TOKENS, asset_path, atomic_folder, atomic_write
@@ -132,8 +133,7 @@ def tiny_base_config(vocab_size:int) -> LlamaConfig:
 
 # %% ../nbs/09_tiny_base.ipynb #401e8359
 def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
-             steps:int=300, batch_size:int=32, block:int=128, lr:float=3e-3, seed:int=0,
-             log_every:int=50) -> list[float]:
+             steps:int=300, batch_size:int=32, block:int=128, lr:float=3e-3, seed:int=0) -> list[float]:
     "Train `model` in place on random `block`-token windows of the tokenized `lines`; the loss of every step."
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     stream = torch.tensor([i for ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for i in [bos, *ids, eos]])
@@ -141,14 +141,14 @@ def pretrain(model:LlamaForCausalLM, tokenizer, lines:list[str],
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     schedule = lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    model.train(); losses, start = [], time.time()
-    for step in range(steps):
+    model.train(); losses = []
+    for step in (bar := tqdm(range(steps), desc="pretraining", mininterval=2.0)):
         starts = torch.randint(0, len(stream) - block, (batch_size,), generator=g)
         x = torch.stack([stream[s:s + block] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); opt.zero_grad(); sched.step(); losses.append(loss.item())
-        if log_every and step % log_every == 0: print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     return losses
 
 # %% ../nbs/09_tiny_base.ipynb #10b31736

@@ -359,6 +359,13 @@ def train_step(model, batches:list[dict], # this process's micro-batches (`step_
     return loss, tokens
 
 # %% ../nbs/10_train.ipynb #4141b1dc
+def _precision(config:TrainConfig) -> str:
+    "The mixed precision a run uses: `config.precision`, \"auto\" resolved for this machine; fp16 refused without a GPU."
+    precision = auto_precision() if config.precision == "auto" else config.precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("precision='fp16' needs a GPU; use 'bf16' or 'no' on a CPU.", field="precision")
+    return precision
+
 def train(model, # a model with LoRA adapters (or any model: whatever has requires_grad trains)
           train_examples:list[dict], # tokenized: `input_ids` and `labels` per example
           eval_examples:list[dict]|None=None,
@@ -374,21 +381,18 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     "Train the trainable parameters of `model` (its adapter layers on the lean path unless told otherwise); returns metrics and history."
     if not train_examples: raise LoraKitError("train_examples is empty: nothing to train on.")
     set_seed(config.seed)
-    precision = auto_precision() if config.precision == "auto" else config.precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("precision='fp16' needs a GPU; use 'bf16' or 'no' on a CPU.", field="precision")
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=_precision(config), cpu=not torch.cuda.is_available())
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
     prepare_layers(model, config, adapter_name)
     optimizer, scheduler = make_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start = 0
-    if resume_from is not None:
-        start = resume(resume_from, resume_fallback, model, optimizer, scheduler, accelerator, base_model_name_or_path=base_model_name_or_path)
-    world_size = accelerator.num_processes
-    history, tokens, seconds = [], 0, 0.0
+    state = (model, optimizer, scheduler, accelerator)  # what a checkpoint holds
+    start = 0 if resume_from is None else resume(resume_from, resume_fallback, *state, base_model_name_or_path=base_model_name_or_path)
     evaluate = lambda: dict(eval_loss=evaluate_loss(model, eval_examples, collate_fn),
                             **(metric_fn(accelerator.unwrap_model(model)) if metric_fn else {}))
+    due = lambda step, every: bool(every) and step % every == 0
+    history, tokens, seconds = [], 0, 0.0
+    speed = lambda: tokens * accelerator.num_processes / max(seconds, 1e-9)  # tokens per second, all processes
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="training", mininterval=2.0,
                **({} if accelerator.is_main_process else dict(disable=True)))  # on the main process TQDM_DISABLE=1 works
     model.train()
@@ -397,17 +401,15 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
         loss, step_tokens = train_step(model, step_batches(train_examples, step, config, collate_fn, accelerator), step + 1,
                                        optimizer, scheduler, accelerator, config.max_grad_norm)
         tokens, seconds = tokens + step_tokens, seconds + time.perf_counter() - t0
-        record = dict(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0])
-        if eval_examples and config.eval_every and (step + 1) % config.eval_every == 0: record.update(evaluate())
-        history.append(record)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens * world_size / max(seconds, 1e-9):.0f}", refresh=False)
-        if output_dir and config.save_every and (step + 1) % config.save_every == 0:
+        evaluated = evaluate() if eval_examples and due(step + 1, config.eval_every) else {}
+        history.append(dict(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0], **evaluated))
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed():.0f}", refresh=False)
+        if output_dir and due(step + 1, config.save_every):
             with keeping_checkpoints(output_dir):  # a full disk: the error names the checkpoint before this one
-                save_checkpoint(output_dir, step + 1, model, optimizer, scheduler, accelerator, base_model_name_or_path)
-    final = evaluate() if eval_examples else {}
-    return dict(steps=config.max_steps, train_seconds=seconds, tokens_per_second=tokens * world_size / max(seconds, 1e-9),
-                peak_memory_bytes=peak_memory_bytes(), trainable_params=count_params(model, trainable_only=True),
-                total_params=count_params(model), world_size=world_size, history=history, **final)
+                save_checkpoint(output_dir, step + 1, *state, base_model_name_or_path)
+    return dict(steps=config.max_steps, train_seconds=seconds, tokens_per_second=speed(), peak_memory_bytes=peak_memory_bytes(),
+                trainable_params=count_params(model, trainable_only=True), total_params=count_params(model),
+                world_size=accelerator.num_processes, history=history, **(evaluate() if eval_examples else {}))
 
 # %% ../nbs/10_train.ipynb #8343f1c8
 def plot_history(history:list[dict], # `train(...)["history"]`

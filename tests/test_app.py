@@ -139,7 +139,7 @@ def test_each_form_is_warmed_up_then_timed_on_the_same_tokens(demo_model, monkey
 def test_merged_and_unmerged_give_the_same_greedy_reply(demo_model):
     model, tokenizer = demo_model
     prompt = app.prompt_text(app.DEFAULT_PROMPT)
-    replies = {m: app.compare(model, tokenizer, prompt, 24, merged=m, n_timed=2, repeats=1)["adapter"] for m in (False, True)}
+    replies = {m: app.compare(model, tokenizer, prompt, merged=m, n_timed=2, repeats=1, max_new_tokens=24)["adapter"] for m in (False, True)}
     assert replies[True] == replies[False]
 
 

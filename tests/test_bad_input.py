@@ -92,8 +92,8 @@ def cases(tmp):
         "bench repeats 0": (["bench", "--repeats", "0"], "--repeats: must be an integer >= 1"),
         "bench seq-len 1": (["bench", "--seq-len", "1"], "--seq-len: must be an integer >= 2"),
         "bench alpha nan": (["bench", "--alpha", "nan"], "--alpha: must be a number > 0"),
-        "bench dropout 1": (["bench", "--dropouts", "0.05,1"], "dropouts must be in [0, 1)"),
-        "rank sweep with rank 0": (["rank-sweep", "--ranks", "8,0"], "expected comma-separated ranks >= 1"),
+        "bench dropout 1": (["bench", "--dropouts", "0.05,1"], "--dropouts: must be a number >= 0 and < 1, or several comma-separated"),
+        "rank sweep with rank 0": (["rank-sweep", "--ranks", "8,0"], "--ranks: must be an integer >= 1, or several comma-separated"),
         "rank sweep with 0 steps": (["rank-sweep", "--ranks", "8", "--steps", "0"], "--steps: must be an integer >= 1"),
         "rank sweep with 0 eval examples": (["rank-sweep", "--eval-examples", "0"], "--eval-examples: must be an integer >= 1"),
     }

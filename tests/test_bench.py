@@ -1,17 +1,18 @@
 """The step benchmark: `python -m lora_kit.bench` end to end on the tiny model (tables, JSON, bad input), and its three
 paths (fp32, autocast, a 4-bit NF4 base) checked for what they claim to run: the dtypes and classes of the models,
 autocast active in the measured forward, and the same starting loss as transformers computes on its own."""
-import importlib.util, json, os, subprocess, sys, tempfile
+import importlib.util, json, os, re, subprocess, sys, tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora_kit.bench import (PATHS, TINY_MODEL, Run, Trainee, bench_batch, bench_checkpoint, bench_llama, format_bench, path_base,
+from lora_kit.bench import (PATHS, TINY_MODEL, BenchConfig, Run, Trainee, bench_batch, bench_checkpoint, bench_llama, format_bench, path_base,
                             find, path_summary, run_bench, saved_activation_bytes)
 from lora_kit.cli import main
-from lora_kit.core import ConfigError
+from lora_kit.core import ConfigError, settings_from
 from lora_kit.efficient import SavedTensorLog
 from lora_kit.inject import adapter_layers, plain_path_reasons
 from lora_kit.layers import LoRALinear
@@ -71,7 +72,8 @@ def test_three_paths_from_the_command_line(tmp_path):
     (["bench", "--path", "fp32,autocast,int8"], "got 'fp32,autocast,int8'"),
     (["bench", "--path", ","], "must be one or more of fp32, autocast, qlora"),
     (["bench", "--methods", "lora"], "argument --methods: must be one or more of full, full+chunked, peft"),
-    (["bench", "--dtype", "fp8"], "choose from 'bf16', 'fp16'"),
+    (["bench", "--dtype", "fp8"], "argument --dtype: must be 'bf16' or 'fp16', got 'fp8'"),
+    (["bench", "--device", "gpu"], "argument --device: must be a torch device"),
 ])
 def test_bad_path_and_dtype_exit_2_naming_the_choices(capsys, argv, named):
     assert main(argv) == 2
@@ -84,7 +86,7 @@ def test_bad_arguments_exit_2_with_the_reason():
     out = bench("--methods", "lora")
     assert out.returncode == 2 and "argument --methods: must be one or more of full," in out.stderr
     out = bench("--dropouts", "1.5")
-    assert out.returncode == 2 and "dropouts must be in [0, 1)" in out.stderr
+    assert out.returncode == 2 and "argument --dropouts: must be a number >= 0 and < 1" in out.stderr
     out = bench("--path", "qlora,tpu")
     assert out.returncode == 2 and "--path: must be one or more of fp32, autocast, qlora, comma-separated, got 'qlora,tpu'" in out.stderr
 
@@ -98,17 +100,41 @@ def test_qlora_path_without_bitsandbytes_exits_2_with_the_install_command():
     assert "Traceback" not in r.stderr and "|" not in r.stdout  # refused before any benchmark ran
 
 
-def test_run_bench_refuses_what_it_cannot_run():
-    with pytest.raises(ConfigError, match="paths must be one or more of fp32, autocast, qlora"): run_bench(paths=("gpu",), model_config=TINY_MODEL)
+@pytest.mark.parametrize("settings, field, words", [
+    (dict(paths=("gpu",)), "paths", "paths must be one or more of fp32, autocast, qlora"),
+    (dict(methods=("lora",)), "methods", "methods must be one or more of full,"),
+    (dict(dtype="fp32"), "dtype", "dtype must be 'bf16' or 'fp16', got 'fp32'"),
+    (dict(dropouts=()), "dropouts", "dropouts must be a number >= 0 and < 1, or several"),
+    (dict(seq_len=1), "seq_len", "seq_len must be an integer >= 2, got 1"),
+    (dict(alpha=float("nan")), "alpha", "alpha must be a number > 0"),
+    (dict(device="tpu:x"), "device", "device must be a torch device"),
+    (dict(device="cuda"), "device", "this torch sees no CUDA GPU" if not torch.cuda.is_available() else "the qlora path"),
+])
+def test_the_benchmark_config_refuses_what_it_cannot_run_naming_the_field(settings, field, words):
+    if settings.get("device") == "cuda" and torch.cuda.is_available(): settings = settings | dict(device="cpu", paths=("qlora",))
+    with pytest.raises(ConfigError, match=re.escape(words)) as refused: BenchConfig(**settings)
+    assert refused.value.field == field
+
+
+def test_path_base_refuses_what_it_cannot_build():
     with pytest.raises(ConfigError, match="path must be one or more of fp32, autocast, qlora"): path_base("gpu", "peft", model_config=TINY_MODEL)
-    with pytest.raises(ConfigError, match="methods must be one or more of full,"): run_bench(methods=("lora",), model_config=TINY_MODEL)
-    with pytest.raises(ConfigError, match="16-bit"): run_bench(paths=("autocast",), dtype=torch.float32, model_config=TINY_MODEL)
     with pytest.raises(ConfigError, match="cannot train"): path_base("qlora", "full", model_config=TINY_MODEL, checkpoint="x")
 
 
-def test_paths_in_python_as_a_comma_string_run_each_once():
-    result = run_bench(methods=("peft",), dropouts=(0.0,), repeats=1, seq_len=8, model_config=TINY_MODEL, inference=False,
-                       paths="fp32,autocast,fp32", dtype=torch.float16)
+def test_the_parser_is_the_config_fields():
+    "Every `BenchConfig` field has its flag with the field's default; the command line adds only threads, tiny and json."
+    import argparse
+    from lora_kit.bench import add_bench_arguments
+    parser = add_bench_arguments(argparse.ArgumentParser())
+    assert settings_from(BenchConfig, parser.parse_args([])) == BenchConfig()
+    flags = {a.dest for a in parser._actions} - {"help"}
+    assert flags == {f.name for f in fields(BenchConfig)} | {"threads", "tiny", "json"}
+    assert parser.parse_args(["--no-inference"]).inference is False
+
+
+def test_a_path_given_twice_runs_once():
+    config = BenchConfig(methods=("peft",), dropouts=(0.0,), repeats=1, seq_len=8, inference=False, paths=("fp32", "autocast", "fp32"), dtype="fp16")
+    result = run_bench(config, TINY_MODEL)
     assert result["setup"]["paths"] == ["fp32", "autocast fp16"]
     assert [str(Run(m["method"], m["dropout"], m["path"])) for m in result["methods"]] == ["peft p=0.0", "peft p=0.0 [autocast fp16]"]
 
@@ -124,7 +150,7 @@ def checkpoint():
 
 
 def trainee(method, path, checkpoint, dropout=0.05):
-    return Trainee.for_method(method, IDS, dropout=dropout, model_config=TINY_MODEL, path=path, checkpoint=checkpoint)
+    return Trainee.for_method(method, IDS, path=path, dropout=dropout, model_config=TINY_MODEL, checkpoint=checkpoint)
 
 
 def adapters(t):
@@ -195,8 +221,8 @@ def hf_loss_of(model, ids, autocast:bool):
 @needs_bitsandbytes
 def test_three_paths_start_from_transformers_own_loss(checkpoint):
     "Same weights, same batch: before any step every method's loss is transformers' loss of the model that path loads."
-    result = run_bench(methods=("full", "peft", "lora_kit", "efficient"), dropouts=(0.05,), repeats=1, seq_len=16, batch_size=2,
-                       model_config=TINY_MODEL, inference=False, paths=PATHS)
+    result = run_bench(BenchConfig(methods=("full", "peft", "lora_kit", "efficient"), dropouts=(0.05,), repeats=1, seq_len=16,
+                                   batch_size=2, inference=False, paths=PATHS), TINY_MODEL)
     config = TINY_MODEL | dict(max_position_embeddings=512)
     ids = bench_batch(2, 16, TINY_MODEL["vocab_size"])
     four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -40,6 +40,7 @@ def write(tmp_path, *cells) -> Path:
     (stream("<ipython-input-3>:2: UserWarning: careful\n", "stderr"), "a Python warning"),
     (stream("\rtraining:  40%|####      | 40/100 [00:04<00:06,  9.80it/s]", "stderr"), "a progress bar"),
     (result("'" + "x" * 4001 + "'"), "characters of output"),
+    (stream("usage: lora-kit bench [-h]\nlora-kit bench: error: argument --rank: must be an integer >= 1, got '0'\n", "stderr"), "a stderr stream"),
 ])
 def test_the_checker_names_each_kind_of_noise(tmp_path, output, what):
     path = write(tmp_path, code("show()", output))

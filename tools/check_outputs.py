@@ -4,6 +4,7 @@ A stored lesson fails on:
 - an absolute path of the machine that stored it: a temporary folder, a home folder, the checkout, site-packages;
 - a traceback, or a Python warning (`SomethingWarning:` or `warnings.warn(`);
 - a progress bar (tqdm's `NN%|`, `it/s]`);
+- anything written to stderr: a log, a warning or a usage message is not a result (show the value instead);
 - an output over `MAX_CHARS` characters of text;
 - an image loaded from a URL (markdown or HTML), instead of a file beside the lessons;
 - a code cell without outputs whose source ends on a value (`ends_on_value`) that the stored run should have shown;
@@ -78,6 +79,8 @@ def problems(path: Path) -> list[str]:
         outputs, text = cell.get("outputs", []), output_text(cell)
         for what, pattern in NOISE.items():
             if m := pattern.search(text): found.append(f"{where}: {what} in its output ({m.group(0)!r})")
+        if any(o.get("name") == "stderr" for o in outputs):
+            found.append(f"{where}: its output has a stderr stream (a log, warning or usage message: show the value instead)")
         if len(text) > MAX_CHARS: found.append(f"{where}: {len(text):,} characters of output (at most {MAX_CHARS:,})")
         if not outputs and ends_on_value(cell):
             found.append(f"{where}: ends on a value but has no stored output (store it: {store})")

@@ -151,10 +151,11 @@ PATHS_MODEL_GPU = dict(hidden_size=4096, intermediate_size=11008, num_hidden_lay
 
 def measure_paths(on_gpu: bool, device: str) -> list[dict]:
     "efficient/peft on the fp32, autocast (bf16) and qlora (NF4, bf16) paths: `lora_kit.bench.path_summary` rows."
-    from lora_kit.bench import TINY_MODEL, path_summary, run_bench
-    result = run_bench(methods=("peft", "efficient"), paths=("fp32", "autocast", "qlora"), dropouts=(0.05, 0.0),
-                       repeats=5 if on_gpu else 1, batch_size=4 if on_gpu else 2, seq_len=512 if on_gpu else 32,
-                       device=device, model_config=PATHS_MODEL_GPU if on_gpu else TINY_MODEL, inference=False)
+    from lora_kit.bench import TINY_MODEL, BenchConfig, path_summary, run_bench
+    config = BenchConfig(methods=("peft", "efficient"), paths=("fp32", "autocast", "qlora"), dropouts=(0.05, 0.0),
+                         repeats=5 if on_gpu else 1, batch_size=4 if on_gpu else 2, seq_len=512 if on_gpu else 32,
+                         device=device, inference=False)
+    result = run_bench(config, PATHS_MODEL_GPU if on_gpu else TINY_MODEL)
     return path_summary(result)
 
 
