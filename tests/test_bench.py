@@ -81,6 +81,14 @@ def test_bad_path_and_dtype_exit_2_naming_the_choices(capsys, argv, named):
     assert err.count("\n") == 1 and named in err and "Traceback" not in err, err
 
 
+def test_a_refusal_across_fields_names_the_command_and_the_flag(capsys):
+    "A device this machine cannot run (no CUDA here; or the qlora path off the GPU where there is one) is refused before any run."
+    argv = ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cpu", "--path", "qlora"]
+    assert main(["bench", "--tiny", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("lora-kit bench --device: ") and captured.out == "", captured
+
+
 @pytest.mark.slow
 def test_bad_arguments_exit_2_with_the_reason():
     out = bench("--methods", "lora")
