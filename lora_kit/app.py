@@ -21,7 +21,7 @@ from huggingface_hub import model_info, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, HTTPError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, LlamaConfig
-from .core import ConfigError, MissingExtraError, MissingFileError, LoraKitError
+from .core import ConfigError, MissingExtraError, MissingFileError, LoraKitError, Sampling
 from .inject import (
     BASE_ROW, CONFIG_NAME, WEIGHTS_NAME, active_adapters, adapter_folders, adapter_layers, adapter_names, adapter_per_row,
     lora_disabled, merge_lora, read_adapter_config, set_adapter, unmerge_lora)
@@ -256,11 +256,12 @@ def latency_rows(speeds:dict, # `compare(...)["latency"]`
     return rows
 
 # %% ../nbs/17_app.ipynb #cd39f669
-def side_by_side(model, tokenizer, prompt:str, max_new_tokens:int=48, temperature:float=0.0, top_p:float=1.0) -> dict:
+def side_by_side(model, tokenizer, prompt:str,
+                 **generation) -> dict: # `generate`'s settings: max_new_tokens, temperature, top_p
     "The base's and every adapter's reply to `prompt` from one batched `generate`, row i through adapter i alone (lesson 03's `adapter_per_row`)."
     rows = [BASE_ROW, *adapter_names(model)]
     with adapter_per_row(model, rows):
-        replies = generate(model, tokenizer, [prompt] * len(rows), max_new_tokens, temperature=temperature, top_p=top_p)
+        replies = generate(model, tokenizer, [prompt] * len(rows), **generation)
     return dict(prompt=prompt, replies=dict(zip(rows, replies)))
 
 # %% ../nbs/17_app.ipynb #28053317
@@ -388,7 +389,7 @@ def generate_tab(st, model, tokenizer, source:dict, # the adapter folder and bas
     sampled = c1.toggle("Sample (else greedy)", False)
     temperature = c2.slider("Temperature", 0.1, 2.0, 0.8, disabled=not sampled)
     top_p = c3.slider("Top-p", 0.1, 1.0, 0.95, disabled=not sampled)
-    max_new = int(c4.number_input("Max new tokens", 1, context // 2, min(48, context // 2),
+    max_new = int(c4.number_input("Max new tokens", 1, context // 2, min(Sampling.max_new_tokens, context // 2),
                                   help=f"this model reads {context} positions, prompt and reply together"))
     chat = st.checkbox("Wrap in the LLaMA-2 chat template", True)
     together = several and st.toggle("All adapters side by side", False, key="side_by_side",
@@ -405,9 +406,9 @@ def generate_tab(st, model, tokenizer, source:dict, # the adapter folder and bas
             + (", the unmerged and the merged adapter…" if adapter else "…"))
     if st.button("Generate", type="primary"):
         with st.spinner(work), MODEL_LOCK:
-            if together: result = side_by_side(model, tokenizer, prompt, max_new, settings["temperature"], settings["top_p"])
-            else: result = compare(model, tokenizer, prompt, merged, adapter, max_new_tokens=max_new,
-                                   temperature=settings["temperature"], top_p=settings["top_p"])
+            sampling = dict(max_new_tokens=max_new, temperature=settings["temperature"], top_p=settings["top_p"])
+            if together: result = side_by_side(model, tokenizer, prompt, **sampling)
+            else: result = compare(model, tokenizer, prompt, merged, adapter, **sampling)
         st.session_state["result"] = result | dict(settings=settings)
     if result := st.session_state.get("result"): show_result(st, result, several, stale=result["settings"] != settings)
 

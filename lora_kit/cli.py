@@ -12,11 +12,12 @@ __all__ = ['ADAPTER_NAMING', 'SUBCOMMANDS', 'EXIT_CODES', 'UsageError', 'usage_e
 # %% ../nbs/18_cli.ipynb #45f873c0
 import argparse, json, os, sys, warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from itertools import chain, count
 from pathlib import Path
 from typing import NamedTuple
 from . import accounting
-from .core import ConfigError, LoraKitError, MissingFileError, add_setting_arguments, number_type, setting_flags, settings_from
+from .core import ConfigError, LoraKitError, MissingFileError, Sampling, add_setting_arguments, number_type, setting_flags, settings_from
 from .accounting import Setup, estimate  # also `from lora_kit.cli import estimate`, as the README shows
 
 # %% ../nbs/18_cli.ipynb #51f95b9d
@@ -25,8 +26,6 @@ class UsageError(LoraKitError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise UsageError(f"{self.prog}: {message} (see --help)")
-
-_positive_int = number_type(int, 1)
 
 # %% ../nbs/18_cli.ipynb #38c2075a
 def usage_error(command:str, # the subcommand, for the message
@@ -139,13 +138,14 @@ def _generate(args):
     from lora_kit.inject import BASE_ROW, adapter_per_row
     from lora_kit.qlora import open_adapters, shared_base  # no training stack: generating starts sooner
     from lora_kit.tiny import generate
+    sampling = config_from("generate", Sampling, args)
     adapters = given_adapters(args.adapter)
     base = args.model or shared_base({f"--adapter {a.folder}": a.config for a in adapters},
                                      "pass --model to run them all on one base, or run them separately.")
     model, tokenizer, _ = open_adapters({a.name: a.folder for a in adapters}, base, args.four_bit,
                                         configs={a.name: a.config for a in adapters})
     rows = [BASE_ROW] * args.base + [a.name for a in adapters]
-    ask = lambda: generate(model, tokenizer, [args.prompt] * len(rows), args.max_new_tokens, args.temperature, args.top_p)
+    ask = lambda: generate(model, tokenizer, [args.prompt] * len(rows), **asdict(sampling))
     if len(rows) == 1: return print(ask()[0])  # one adapter: its reply alone
     with adapter_per_row(model, rows): replies = ask()  # one batch, row i through adapter rows[i]
     labels = [f"base ({base}, no adapter)"] * args.base + [f"{a.name} ({a.folder.as_posix()})" for a in adapters]
@@ -166,9 +166,7 @@ def _generate_arguments(g):
     g.add_argument("--prompt", required=True, help="the exact text given to the model")
     g.add_argument("--model", help="base model: tiny, a folder or a Hub id (default: the base the adapters name)")
     g.add_argument("--base", action="store_true", help="also answer with the base alone (no adapter), as the first block")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=48)
-    g.add_argument("--temperature", type=number_type(float, 0), default=0.0, help="0: greedy")
-    g.add_argument("--top-p", type=number_type(float, 0, 1, open_low=True), default=1.0, help="nucleus sampling, in (0, 1]")
+    add_setting_arguments(g, Sampling())
     g.add_argument("--4bit", dest="four_bit", action="store_true", help="load the base in 4 bits (bitsandbytes)")
     g.set_defaults(run=_generate)
 

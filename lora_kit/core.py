@@ -10,15 +10,15 @@ __all__ = ['KNOWN_HARMLESS', 'SWITCH', 'TEXT', 'PATH', 'RANK', 'ALPHA', 'DROPOUT
            'quiet_known_warnings', 'named_paths', 'LoraKitError', 'ConfigError', 'MissingFileError',
            'MissingExtraError', 'WriteError', 'BusyError', 'Rule', 'number_in', 'integer_at_least', 'one_of', 'several',
            'names_from', 'optional', 'check_value', 'setting', 'check_fields', 'argument_type', 'number_type',
-           'flag_of', 'add_setting_arguments', 'settings_from', 'setting_flags', 'byte_tokenizer', 'tiny_llama_config',
-           'tiny_llama', 'llama2_config', 'meta_llama', 'count_params', 'write_failure', 'write_error',
-           'raise_write_error', 'remove_stale_temps', 'atomic_write', 'partial_folder', 'atomic_folder', 'atomic_files',
-           'output_lock', 'asset_path']
+           'flag_of', 'add_setting_arguments', 'settings_from', 'setting_flags', 'Sampling', 'byte_tokenizer',
+           'tiny_llama_config', 'tiny_llama', 'llama2_config', 'meta_llama', 'count_params', 'write_failure',
+           'write_error', 'raise_write_error', 'remove_stale_temps', 'atomic_write', 'partial_folder', 'atomic_folder',
+           'atomic_files', 'output_lock', 'asset_path']
 
 # %% ../nbs/00_core.ipynb #6a22c5a7
 import argparse, errno, fcntl, glob, math, numbers, os, re, shutil, tempfile
 from contextlib import contextmanager
-from dataclasses import MISSING, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -224,6 +224,16 @@ def settings_from(kind:type, # a dataclass declared with `setting`
 def setting_flags(kind:type) -> dict[str, str]:
     "Field name -> command-line flag for every field of the dataclass `kind`, a nested dataclass's fields included."
     return {name: flag for f in fields(kind) for name, flag in (setting_flags(f.type).items() if is_dataclass(f.type) else [(f.name, flag_of(f))])}
+
+# %% ../nbs/00_core.ipynb #5a3e9c22
+@dataclass(frozen=True)
+class Sampling:
+    "How a reply is generated: at most `max_new_tokens` new tokens, greedy at temperature 0, else sampled with nucleus `top_p`."
+    max_new_tokens:int = setting(48, integer_at_least(1), "new tokens at most")
+    temperature:float = setting(0.0, number_in(0), "0: greedy; above 0: sampled at this temperature")
+    top_p:float = setting(1.0, number_in(0, 1, open_low=True), "nucleus sampling, in (0, 1]: when sampled, only the likeliest tokens that make up top_p")
+
+    def __post_init__(self): check_fields(self)
 
 # %% ../nbs/00_core.ipynb #0e05cc7d
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from .core import SPECIAL_TOKENS, asset_path, atomic_folder, atomic_write
+from .core import SPECIAL_TOKENS, Sampling, asset_path, atomic_folder, atomic_write
 from .data import LLAMA2_CHAT_TEMPLATE, demo_path, ensure_pad_token, prompt_and_reference
 
 # %% ../nbs/09_tiny_base.ipynb #2f3b297a
@@ -186,9 +186,9 @@ def build_tiny_base(out:str|Path, # a new or replaced folder; the shipped one is
 @torch.no_grad()
 def generate(model, tokenizer,
              prompts:list[str], # exact texts given to the model (special tokens written out, e.g. `<s>[INST] ...`)
-             max_new_tokens:int=48,
-             temperature:float=0.0, # 0: greedy; above 0: sampled
-             top_p:float=1.0, # nucleus sampling when sampled
+             max_new_tokens:int=Sampling.max_new_tokens, # the defaults and rules: lesson 00's `Sampling`
+             temperature:float=Sampling.temperature, # 0: greedy; above 0: sampled
+             top_p:float=Sampling.top_p, # nucleus sampling when sampled
             ) -> list[str]:
     "Continuations of `prompts`, stopping at end-of-sequence or at the model's context, special tokens removed."
     ensure_pad_token(tokenizer).padding_side = tokenizer.truncation_side = "left"  # a prompt too long keeps its end
@@ -203,7 +203,7 @@ def generate(model, tokenizer,
 
 # %% ../nbs/09_tiny_base.ipynb #940074f3
 def exact_match(model, tokenizer, conversations:list[list[dict]], template="llama2", batch_size:int=32,
-                max_new_tokens:int=48) -> tuple[float, list[dict]]:
+                max_new_tokens:int=Sampling.max_new_tokens) -> tuple[float, list[dict]]:
     "Share of `conversations` whose greedy reply equals the reference, and every `prompt_text`/`expected`/`generated`."
     pairs = [prompt_and_reference(m, tokenizer, template) for m in conversations]
     samples = []
