@@ -427,27 +427,28 @@ def efficiency_headline(st, estimates:dict, # `accounting.estimate_methods(...)`
 def efficiency_tab(st, model, info:dict|None, # `adapter_summary` of the adapter that answers; None: the base alone
                    base_label:str, adapter:str|None="default"):
     "The Efficiency tab: the model the numbers are for and every assumption, the trainable share, one bar per method, GPU fit."
+    start = accounting.Setup()  # the controls start at the accounting's own defaults
     choices = {f"running base ({base_label})": model.config} if isinstance(model.config, LlamaConfig) else {}
     choices |= {name: name for name in accounting.MODEL_PRESETS if name != "tiny"}
     c1, c2, c3 = st.columns(3)
     which = c1.selectbox("Numbers for", list(choices))
     config = accounting.load_config(choices[which])
     adapted = [t for t in adapted_suffixes(model, adapter) if t in accounting.LLAMA_LINEARS] if adapter else []
-    targets = c2.multiselect("LoRA targets", accounting.LLAMA_LINEARS, default=adapted or ["q_proj", "v_proj"])
+    targets = c2.multiselect("LoRA targets", accounting.LLAMA_LINEARS, default=adapted or list(start.targets))
     if not targets:
         st.warning("Choose at least one layer for LoRA.")
         return
     ranks = rank_choices(config, targets)
-    shown_rank = info["r"] if info else 8  # the base alone: add_lora's default rank
+    shown_rank = info["r"] if info else start.rank  # the base alone: the accounting's default rank
     rank = c3.select_slider("LoRA rank", ranks, value=min(ranks, key=lambda r: abs(r - shown_rank)),
                             help=f"up to {ranks[-1]}, the smallest dimension of the targeted layers")
     d1, d2, d3, d4, d5 = st.columns(5)
-    method = d1.selectbox("Headline method", accounting.METHODS, index=accounting.METHODS.index("lora"))
-    precision = d2.selectbox("Precision", accounting.PRECISIONS, index=accounting.PRECISIONS.index("bf16"))
-    seq_len = int(d3.number_input("Sequence length", 1, config.max_position_embeddings, min(512, config.max_position_embeddings)))
-    batch = int(d4.number_input("Batch size", 1, 1024, 1))
+    method = d1.selectbox("Headline method", accounting.METHODS, index=accounting.METHODS.index(start.method))
+    precision = d2.selectbox("Precision", accounting.PRECISIONS, index=accounting.PRECISIONS.index(start.precision))
+    seq_len = int(d3.number_input("Sequence length", 1, config.max_position_embeddings, min(start.seq_len, config.max_position_embeddings)))
+    batch = int(d4.number_input("Batch size", 1, 1024, start.batch_size))
     gpu = d5.selectbox("GPU", list(accounting.GPUS))
-    checkpointing = st.toggle("Gradient checkpointing", False)
+    checkpointing = st.toggle("Gradient checkpointing", start.grad_checkpointing)
     setup = accounting.Setup(method, rank, targets, precision, seq_len, batch, grad_checkpointing=checkpointing)
     estimates = accounting.estimate_methods(choices[which], setup)
     efficiency_headline(st, estimates, method, which)

@@ -54,7 +54,8 @@ RANKS = tuple(2**i for i in range(9))  # 1 … 256
 
 class Dashboard:
     "The LoRA accounting dashboard: `Dashboard().show()` in Jupyter; `.data` holds what it shows."
-    def __init__(self, model:str="llama-2-7b", method:str="lora"):
+    def __init__(self, model:str="llama-2-7b", method:str=Setup.method):
+        start = Setup(method)  # the controls start at the accounting's own defaults
         slider = dict(continuous_update=False, style=dict(description_width="initial"))
         self.model = W.Dropdown(options=[*MODEL_PRESETS, "custom"], value=model, description="model")
         self.custom = {name: W.BoundedIntText(value=value, min=1, max=1_000_000, description=name, layout=W.Layout(width="220px"))
@@ -62,13 +63,13 @@ class Dashboard:
                                                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000).items()}
         self.tied = W.Checkbox(value=False, description="tied embeddings")
         self.method = W.ToggleButtons(options=METHODS, value=method, description="method")
-        self.rank = W.SelectionSlider(options=RANKS, value=8, description="rank", **slider)
-        self.targets = W.SelectMultiple(options=LLAMA_LINEARS, value=("q_proj", "v_proj"), rows=7, description="targets")
-        self.precision = W.Dropdown(options=PRECISIONS, value="bf16", description="precision")
-        self.seq_len = W.SelectionSlider(options=tuple(2**i for i in range(6, 13)), value=512, description="sequence", **slider)
-        self.batch_size = W.SelectionSlider(options=tuple(2**i for i in range(8)), value=1, description="batch", **slider)
-        self.grad_checkpointing = W.Checkbox(value=False, description="gradient checkpointing")
-        self.optimizer = W.Dropdown(options=OPTIMIZERS, value="adamw", description="optimizer")
+        self.rank = W.SelectionSlider(options=RANKS, value=start.rank, description="rank", **slider)
+        self.targets = W.SelectMultiple(options=LLAMA_LINEARS, value=start.targets, rows=7, description="targets")
+        self.precision = W.Dropdown(options=PRECISIONS, value=start.precision, description="precision")
+        self.seq_len = W.SelectionSlider(options=tuple(2**i for i in range(6, 13)), value=start.seq_len, description="sequence", **slider)
+        self.batch_size = W.SelectionSlider(options=tuple(2**i for i in range(8)), value=start.batch_size, description="batch", **slider)
+        self.grad_checkpointing = W.Checkbox(value=start.grad_checkpointing, description="gradient checkpointing")
+        self.optimizer = W.Dropdown(options=OPTIMIZERS, value=start.optimizer, description="optimizer")
         self.gpu = W.Dropdown(options=list(GPUS), value="T4 16GB", description="GPU")
         self.summary, self.out, self.data, self._fig = W.HTML(), W.Output(), None, None
         for w in self._controls(): w.observe(self.update, names="value")
