@@ -277,7 +277,8 @@ def run_bench(config:BenchConfig=BenchConfig(), # what to run: methods, paths, L
     "Step time (median of interleaved repeats), peak memory, saved activations and FLOPs per step of each method on each path."
     c, model = config, (model_config or {}) | dict(max_position_embeddings=max(512, config.seq_len))
     ids = bench_batch(c.batch_size, c.seq_len, (BENCH_MODEL | model)["vocab_size"], c.seed, c.device)
-    runs = {Run(m, p, path_label(path, c.torch_dtype)): path for path in dict.fromkeys(c.paths) for m in c.methods  # run: its path
+    labels = {path: path_label(path, c.torch_dtype) for path in c.paths}  # each path once, in the order given
+    runs = {Run(m, p, label): path for path, label in labels.items() for m in c.methods  # run: its path
             if path != "qlora" or m in LORA_METHODS for p in ([None] if m not in LORA_METHODS else c.dropouts)}
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = bench_checkpoint(folder, c.torch_dtype, model) if "qlora" in c.paths else None
@@ -291,11 +292,10 @@ def run_bench(config:BenchConfig=BenchConfig(), # what to run: methods, paths, L
                                     saved_bytes=saved_activation_bytes(trainees[run]), flops=count_flops(trainees[run].step),
                                     trainable_params=count_params(trainees[run].model, trainable_only=True))
                for run in runs]
-    labels = [path_label(path, c.torch_dtype) for path in dict.fromkeys(c.paths)]
     return dict(
-        setup=asdict(c) | dict(model=BENCH_MODEL | model, params=count_params(bench_llama(**model)), targets="all-linear", paths=labels,
+        setup=asdict(c) | dict(model=BENCH_MODEL | model, params=count_params(bench_llama(**model)), targets="all-linear", paths=list(labels.values()),
                                threads=torch.get_num_threads(), torch=torch.__version__, cpu=_cpu_name(), python=platform.python_version()),
-        methods=results, ratios=_ratios(results, c.dropouts, labels),
+        methods=results, ratios=_ratios(results, c.dropouts, labels.values()),
         inference=inference_latency(ids[:1], c.rank, INFERENCE_ROUNDS * c.repeats, model) if c.inference else None)
 
 # %% ../nbs/15_bench.ipynb #47dba3a5
