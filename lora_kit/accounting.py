@@ -106,6 +106,7 @@ class Setup:
     grad_checkpointing:bool = setting(False, SWITCH, "each block keeps only its input and recomputes the rest")
     optimizer:str = setting("adamw", one_of(*OPTIMIZERS), "AdamW's moments in the trained weights' dtype, or bitsandbytes' 8 bits")
     use_dora:bool = setting(False, SWITCH, "DoRA adapters (lesson 07): a magnitude per output, its norm's FLOPs and memory", flag="--dora")
+    lorafa:bool = setting(False, SWITCH, "LoRA-FA (lesson 07): A frozen, so only B trains and each adapter keeps x·Aᵀ, not x")
     quant:str = setting("nf4", one_of(*QUANTS), "QLoRA's base: 4-bit NF4, or int8")
     double_quant:bool = setting(True, SWITCH, "QLoRA's block scales quantized again")
 
@@ -113,6 +114,9 @@ class Setup:
         check_fields(self)
         if self.use_dora and self.method != "lora":
             raise ConfigError(f"DoRA adapts 16/32-bit bases: use method 'lora', not {self.method!r}.", field="use_dora")
+        if self.lorafa and (self.full or self.use_dora):
+            raise ConfigError("LoRA-FA freezes the A of plain LoRA adapters: use method 'lora' or 'qlora' without DoRA.",
+                              field="lorafa")
         object.__setattr__(self, "targets", resolve_targets(self.targets))
 
     @property
@@ -136,8 +140,9 @@ def param_counts(config:ModelShape, setup:Setup) -> dict:
     "Total parameters (base + adapters) and trainable parameters."
     base = base_params(config)
     if setup.full: return dict(total=base, trainable=base)
-    adapters = adapter_params(config, setup)
-    return dict(total=base + adapters, trainable=adapters)
+    adapters, lin = adapter_params(config, setup), block_linears(config)
+    frozen_A = config.num_hidden_layers * sum(setup.rank * lin[t][0] for t in setup.targets) * setup.lorafa
+    return dict(total=base + adapters, trainable=adapters - frozen_A)
 
 # %% ../nbs/04_accounting.ipynb #3edfb5fa
 def inplace_addmm_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
@@ -193,7 +198,7 @@ def block_flops(config:ModelShape, setup:Setup, input_grad:bool) -> tuple:
         fwd, bwd = fwd + f, bwd + f * x_grad + f * (not lora)
         if lora and name in setup.targets:
             fwd += 2 * T * r * (i + o)
-            bwd += 2 * T * r * (2 * o + i) + 2 * T * r * i * x_grad
+            bwd += 2 * T * r * (2 * o + i * (not setup.lorafa)) + 2 * T * r * i * x_grad  # dB, gB, dA; gBA
     a = 2 * T * setup.seq_len * config.num_attention_heads * head_dim(config)  # one attention product
     fwd += 2 * a
     bwd += a * (g["q_proj"] + g["k_proj"]) + a * (g["probs"] + g["v_proj"])
@@ -274,7 +279,7 @@ def trainable_tensors(config:ModelShape, setup:Setup) -> list:
     L, d, V, lin = config.num_hidden_layers, config.hidden_size, config.vocab_size, block_linears(config)
     if setup.full:
         return [(V * d, 2 - config.tie_word_embeddings), (d, 2 * L + 1), *((i * o, L) for i, o in lin.values())]
-    return [(setup.rank * lin[t][k], L) for t in setup.targets for k in (0, 1)]  # A: r×in, B: out×r
+    return [(setup.rank * lin[t][k], L) for t in setup.targets for k in (0, 1)[setup.lorafa:]]  # A: r×in, B: out×r
 
 def adam8bit_bytes(numel:int) -> int:
     "Bytes of bitsandbytes' 8-bit AdamW state for one tensor: blockwise 8-bit moments, or fp32 ones below `ADAM8_MIN_SIZE`."
@@ -300,6 +305,7 @@ def block_saved_bytes(config:ModelShape, setup:Setup, input_grad:bool) -> int:
         if not kept: return 0
         i = lin[kept[0]][0]
         if full: return T * i * a
+        if setup.lorafa: return len(kept) * T * rank * (a if setup.precision.endswith("-mixed") else ADAPTER_BYTES)  # u
         copies = 1 if a == ADAPTER_BYTES else len(kept)  # peft casts the input to fp32 once per adapter
         return T * i * ADAPTER_BYTES * copies + len(kept) * T * rank * ADAPTER_BYTES  # + each adapter's xA
     def norm(x_grad): return T * (4 * d + 4) * x_grad + T * d * a * full  # fp32 input + 1/rms; normed for weight
@@ -313,7 +319,7 @@ def block_saved_bytes(config:ModelShape, setup:Setup, input_grad:bool) -> int:
     else:
         kept = g["q_proj"] or g["k_proj"] or g["v_proj"]
         saved += (T * (2 * h * hd + 2 * kv * hd) * a + T * h * 4) * kept  # Q, out, K, V, log-sum-exp
-        shares_out = full or ("o_proj" in targets and a == ADAPTER_BYTES)  # o_proj keeps that same output
+        shares_out = full or ("o_proj" in targets and a == ADAPTER_BYTES and not setup.lorafa)  # o_proj keeps that same output
         saved += inputs(("o_proj",)) - T * h * hd * a * (kept and shares_out)
     saved += norm(g["h2"]) + inputs(("gate_proj", "up_proj"))
     i = config.intermediate_size
@@ -379,7 +385,8 @@ def estimate(model:str|Path|ModelShape="llama-2-7b", # a name in `MODEL_PRESETS`
     config, setup = load_config(model), replace(setup, **settings) if setup else Setup(**settings)
     params, flops, mem = param_counts(config, setup), train_flops(config, setup), memory_bytes(config, setup)
     if setup.use_dora: params, flops, mem = with_dora(params, flops, mem, dora_extras(config, setup))
-    shown = ("method", "rank", "seq_len", "batch_size", "grad_checkpointing", "precision", "attn", "optimizer", "use_dora")
+    shown = ("method", "rank", "seq_len", "batch_size", "grad_checkpointing", "precision", "attn", "optimizer", "use_dora",
+             "lorafa")
     return dict(model=str(model) if isinstance(model, (str, Path)) else "custom", targets=list(setup.targets),
                 **{k: getattr(setup, k) for k in shown},
                 params_total=params["total"], params_trainable=params["trainable"],
@@ -389,8 +396,9 @@ def estimate(model:str|Path|ModelShape="llama-2-7b", # a name in `MODEL_PRESETS`
                 fits={gpu: fits(mem["total"], gpu) for gpu in GPUS})
 
 def estimate_methods(model:str|Path|ModelShape, setup:Setup=Setup(), methods=METHODS) -> dict:
-    "`{method: estimate}` of the same setup under each of `methods` (DoRA, if asked for, only where it applies: LoRA)."
-    return {m: estimate(model, replace(setup, method=m, use_dora=setup.use_dora and m == "lora")) for m in methods}
+    "`{method: estimate}` of the same setup under each of `methods` (DoRA and LoRA-FA, if asked for, only where they apply)."
+    return {m: estimate(model, replace(setup, method=m, use_dora=setup.use_dora and m == "lora", lorafa=setup.lorafa and m != "full"))
+            for m in methods}
 
 # %% ../nbs/04_accounting.ipynb #35ef4f6b
 def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, setup:Setup=Setup()) -> list[dict]:

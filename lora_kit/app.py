@@ -317,7 +317,8 @@ def assumptions(estimate:dict) -> str:
     return (f"Closed-form estimate (lesson 04), not a measurement: one training step, rank {e['rank']} on "
             f"{', '.join(e['targets'])}, sequence {e['seq_len']:,} × batch {e['batch_size']}, {e['precision']} "
             f"weights and activations (adapters fp32), {e['optimizer']} optimizer, {e['attn']} attention, "
-            f"gradient checkpointing {'on' if e['grad_checkpointing'] else 'off'}.")
+            f"gradient checkpointing {'on' if e['grad_checkpointing'] else 'off'}"
+            + (", LoRA-FA (A frozen, only B trains)." if e.get("lorafa") else "."))
 
 def fit_rows(estimates:dict) -> list[dict]:
     "Per method: the memory of a step and whether it fits each of `accounting.GPUS`."
@@ -449,7 +450,9 @@ def efficiency_tab(st, model, info:dict|None, # `adapter_summary` of the adapter
     batch = int(d4.number_input("Batch size", 1, 1024, start.batch_size))
     gpu = d5.selectbox("GPU", list(accounting.GPUS))
     checkpointing = st.toggle("Gradient checkpointing", start.grad_checkpointing)
-    setup = accounting.Setup(method, rank, targets, precision, seq_len, batch, grad_checkpointing=checkpointing)
+    lorafa = st.toggle("LoRA-FA: A frozen, no layer inputs kept (lora, qlora)", start.lorafa, disabled=method == "full")
+    setup = accounting.Setup(method, rank, targets, precision, seq_len, batch, grad_checkpointing=checkpointing,
+                             lorafa=lorafa and method != "full")
     estimates = accounting.estimate_methods(choices[which], setup)
     efficiency_headline(st, estimates, method, which)
     st.vega_lite_chart(spec=memory_chart(estimates, gpu))

@@ -117,8 +117,10 @@ class LoRAFunction(torch.autograd.Function):
         u = (rows if keep is None else rows.where(keep.view(rows.shape), 0)) @ lora_A.to(dtype).T
         if keep is not None: u.mul_(keep_scale)
         summed = out.reshape(-1, out.shape[-1]).to(dtype).addmm_(u, lora_B.to(dtype).T, alpha=scale)
-        ctx.save_for_backward(x, lora_A, lora_B, u, keep)  # x: the caller's own tensor, shared if reused
+        needs_A = ctx.needs_input_grad[2]  # only dA reads x; a frozen A (LoRA-FA, lesson 07) keeps none of it
+        ctx.save_for_backward(x if needs_A else None, lora_A, lora_B, u, keep)  # x: the caller's own tensor, shared if reused
         ctx.base, ctx.scale, ctx.keep_scale, ctx.amp, ctx.dtype = base, scale, keep_scale, amp, dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return summed.to(out.dtype).view(out.shape)
 
     @staticmethod
@@ -126,23 +128,23 @@ class LoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, lora_A, lora_B, u, keep = ctx.saved_tensors
         with autocast_off(grad_out.device.type):
-            g, rows = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-            if keep is not None: keep = keep.view(rows.shape)
+            g, in_features = grad_out.reshape(-1, grad_out.shape[-1]), lora_A.shape[1]
+            if keep is not None: keep = keep.view(-1, in_features)
             needs_x, needs_A, needs_B = (ctx.needs_input_grad[i] for i in (0, 2, 3))
             grad_A = grad_B = grad_x = None
             ga = g.to(ctx.dtype)
             if needs_B: grad_B = (ga.T @ u).mul_(ctx.scale).to(lora_B.dtype)
             v = (ga @ lora_B.to(ctx.dtype)).mul_(ctx.scale * ctx.keep_scale)
             if needs_A:
-                xa = rows.to(ctx.dtype)
+                xa = x.reshape(-1, in_features).to(ctx.dtype)
                 grad_A = (v.T @ (xa if keep is None else xa.where(keep, 0))).to(lora_A.dtype)
             if needs_x:
                 base_dtype = ctx.amp or g.dtype
-                grad_x = (g.to(base_dtype) @ dense_weight(ctx.base).to(base_dtype)).to(x.dtype)
+                grad_x = (g.to(base_dtype) @ dense_weight(ctx.base).to(base_dtype)).to(ctx.x_dtype)
                 A = lora_A.to(ctx.dtype)
                 if keep is None and grad_x.dtype == ctx.dtype: grad_x.addmm_(v, A)  # in place: no N×in temporary
                 else: grad_x.add_(v @ A if keep is None else (v @ A).where(keep, 0))
-                grad_x = grad_x.view(x.shape)
+                grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, grad_A, grad_B, None, None, None
 
 # %% ../nbs/06_efficient.ipynb #9a8b6c80

@@ -7,7 +7,7 @@ Docs: https://lora-kit.github.io/lora_kit/finetune.html.md"""
 # %% auto #0
 __all__ = ['DEMO_TARGETS', 'DEMO_RANK', 'DEMO_ALPHA', 'DEMO_CONFIG', 'TARGET_NAMES', 'INIT', 'RUN_FILES', 'target_names',
            'known_init', 'FinetuneConfig', 'flops_per_step', 'split_data', 'Task', 'prepare_task', 'prepare_output',
-           'finetune', 'summary', 'build_demo_adapter', 'merge_adapter']
+           'finetune', 'save_loftq_base', 'summary', 'build_demo_adapter', 'merge_adapter']
 
 # %% ../nbs/12_finetune.ipynb #d9ceef8c
 import json, math, os, shutil, tempfile
@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 import datasets, torch
 from .core import (ALPHA, DROPOUT, PATH, RANK, SWITCH, TEXT, ConfigError, LoraKitError, Rule, atomic_files, atomic_folder,
-                           atomic_write, check_fields, one_of, optional, output_lock, setting)
+                           atomic_write, check_fields, integer_at_least, one_of, optional, output_lock, setting)
 from .layers import check_lora_args
 from .inject import ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_targets, remove_lora, save_adapter
 from .accounting import Setup, estimate_methods
@@ -24,7 +24,7 @@ from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, t
 from .tiny import exact_match
 from .train import COUNT, CHECKPOINTS, POSITIVE, NonFiniteLossError, TrainConfig, checkpoints, evaluate_loss, keeping_checkpoints, plot_history, train
 from .variants import pissa_niter
-from .qlora import DEMO_ADAPTER, load_base, open_adapter, resolve_model  # lesson 11
+from .qlora import DEMO_ADAPTER, base_state_dict, load_base, open_adapter, resolve_model  # lesson 11
 
 DEMO_TARGETS = ("v_proj", "o_proj")  # where a word's translation is written: see "The defaults" below
 DEMO_RANK, DEMO_ALPHA = 16, 32
@@ -37,8 +37,8 @@ def target_names(targets:str|tuple) -> str|tuple:
     return tuple(t.strip() for t in targets.split(",") if t.strip())
 
 def known_init(value) -> bool:
-    "Whether `value` is an `init_lora_weights` the job takes: True (LoRA's), \"gaussian\", \"pissa\" or a well-formed \"pissa_niter_K\"."
-    if value is True or value == "gaussian": return True
+    "Whether `value` is an `init_lora_weights` the job takes: True (LoRA's), \"gaussian\", \"loftq\", \"pissa\" or a well-formed \"pissa_niter_K\"."
+    if value is True or value in ("gaussian", "loftq"): return True
     if not (isinstance(value, str) and value.startswith("pissa")): return False
     try: pissa_niter(value)  # refuses a malformed pissa_niter_K
     except ConfigError: return False
@@ -46,7 +46,7 @@ def known_init(value) -> bool:
 
 TARGET_NAMES = Rule(lambda v: v == ALL_LINEAR or (isinstance(v, tuple) and len(v) > 0 and all(isinstance(t, str) for t in v)),
                     "module-name suffixes, comma-separated, or all-linear", parse=target_names)
-INIT = Rule(known_init, "kaiming (True: LoRA's, A random and B zero), gaussian, pissa or pissa_niter_K",
+INIT = Rule(known_init, "kaiming (True: LoRA's, A random and B zero), gaussian, loftq, pissa or pissa_niter_K",
             parse=lambda text: True if text == "kaiming" else text, show=lambda value: "kaiming" if value is True else str(value))
 
 @dataclass
@@ -61,9 +61,14 @@ class FinetuneConfig:
     targets:str|tuple = setting(DEMO_TARGETS, TARGET_NAMES, "the adapted linears: module-name suffixes, or all-linear")
     use_rslora:bool = setting(False, SWITCH, "rank-stabilized scaling alpha/sqrt(r)", flag="--rslora")
     use_dora:bool = setting(False, SWITCH, "DoRA: a trained magnitude per output times the direction of W0 + scale*BA", flag="--dora")
+    lorafa:bool = setting(False, SWITCH, "LoRA-FA: A frozen at its init, only B trains (its gradient corrected), no layer input kept for backward")
     init_lora_weights:bool|str = setting(True, INIT, "adapter initialisation: kaiming, gaussian, pissa or pissa_niter_K (PiSSA: A and B "
                                          "from W0's top-r singular vectors; saved as a rank-2r LoRA on the original base)", flag="--init")
     four_bit:bool = setting(False, SWITCH, "QLoRA: an NF4 base (needs lora_kit[qlora])", flag="--4bit")
+    loftq_bits:int|None = setting(None, optional(one_of(2, 3, 4)), "with --init loftq: the base's NormalFloat bits, 2, 3 or 4 "
+                                  "(default 4); it trains dequantized and is saved in OUTPUT/base")
+    loftq_iter:int|None = setting(None, optional(integer_at_least(0)), "with --init loftq: alternations of quantizing and "
+                                  "fitting A, B (default 1; 0: the base quantized alone, QLoRA's start)")
     template:str = setting("llama2", one_of(*TEMPLATES, "chat"), "the prompt template (chat: the tokenizer's own)")
     max_length:int = setting(256, COUNT, "tokens per example; a longer one loses the end of its prompt first (lesson 08), and is counted")
     eval_examples:int = setting(200, COUNT, "held-out examples measured before and after")
@@ -80,16 +85,24 @@ class FinetuneConfig:
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: continue a run or replace it.", field="overwrite")
         if self.resume_fallback and not self.resume: raise ConfigError("resume_fallback=True needs resume=True.", field="resume_fallback")
+        if self.lorafa and self.use_dora:
+            raise ConfigError("LoRA-FA freezes A of plain LoRA adapters; DoRA trains a magnitude too: choose one of lorafa "
+                              "(--lorafa) and use_dora (--dora).", field="lorafa")
         if self.four_bit and (self.use_dora or self.init_lora_weights not in (True, "gaussian")):
-            raise ConfigError("DoRA and PiSSA need the base weights in 16 or 32 bits (a norm, an SVD); drop four_bit (--4bit) "
-                              "or use plain LoRA.", field="four_bit")
+            raise ConfigError("DoRA, PiSSA and LoftQ need the base weights in 16 or 32 bits (a norm, an SVD, LoftQ's own "
+                              "quantization); drop four_bit (--4bit) or use plain LoRA.", field="four_bit")
+        if self.init_lora_weights != "loftq" and (given := [f for f in ("loftq_bits", "loftq_iter") if getattr(self, f) is not None]):
+            raise ConfigError(f"{given[0]} sets LoftQ's quantization: use it with init_lora_weights='loftq' (--init loftq).",
+                              field=given[0])
 
 # %% ../nbs/12_finetune.ipynb #579e2cdc
-def flops_per_step(model:str, method:str, rank:int, targets, rows:list[dict], config:TrainConfig, use_dora:bool=False) -> dict|None:
+def flops_per_step(model:str, method:str, rank:int, targets, rows:list[dict], config:TrainConfig, use_dora:bool=False,
+                   lorafa:bool=False) -> dict|None:
     "Training FLOPs per step of `method` and of full fine-tuning for this data's mean length (None if not a LLaMA)."
     try:
         seq_len = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
-        setup = Setup(method, rank, targets, seq_len=seq_len, batch_size=config.batch_size * config.grad_accum, use_dora=use_dora)
+        setup = Setup(method, rank, targets, seq_len=seq_len, batch_size=config.batch_size * config.grad_accum, use_dora=use_dora,
+                      lorafa=lorafa)
         path = Path(resolve_model(model)) / "config.json"
         return {m: e["flops_per_step"] for m, e in estimate_methods(str(path), setup, (method, "full")).items()}
     except (ValueError, OSError): return None  # a Hub id (config not local) or an architecture accounting does not know
@@ -153,6 +166,14 @@ def finetune(config:FinetuneConfig|None=None, # every setting; default: the demo
     with output_lock(c.output):  # one run per output folder: a second one is refused at once
         return _finetune(c, prepare_output(c))
 
+def save_loftq_base(model, tokenizer, output:Path) -> str:
+    "Write the base LoftQ made (Q_T, lesson 11) to `output/base`, whole, with the tokenizer; its path is what the adapters name."
+    folder = output / "base"
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp, state_dict=base_state_dict(model))
+        tokenizer.save_pretrained(tmp)
+    return str(folder.resolve())
+
 def _finetune(c:FinetuneConfig, output:Path) -> dict:
     base_name = resolve_model(c.model)
     base, tokenizer = load_base(c.model, four_bit=c.four_bit)
@@ -163,7 +184,8 @@ def _finetune(c:FinetuneConfig, output:Path) -> dict:
     before_loss, (before_acc, _) = evaluate_loss(base, eval_rows, task.collate_fn), exact_match(base.eval(), tokenizer, eval_conv, c.template)
     torch.manual_seed(tc.seed)  # the adapters' initial A: the same run gives the same adapter
     add_lora(base, c.targets, r=c.rank, alpha=c.alpha, dropout=c.dropout, use_rslora=c.use_rslora, use_dora=c.use_dora,
-             init_lora_weights=c.init_lora_weights)
+             lorafa=c.lorafa, init_lora_weights=c.init_lora_weights, loftq_bits=c.loftq_bits, loftq_iter=c.loftq_iter)
+    if c.init_lora_weights == "loftq": base_name = save_loftq_base(base, tokenizer, output)  # what the adapters are trained on
     try: result = train(base, task.train_rows, eval_rows, tc, output_dir=output, resume_from=output if c.resume else None, resume_fallback=c.resume_fallback,
                         collate_fn=task.collate_fn)
     except NonFiniteLossError as e:
@@ -176,7 +198,7 @@ def _finetune(c:FinetuneConfig, output:Path) -> dict:
         plot_history(result["history"], output / "loss.png")
         metrics = dict(base_model=c.model, eval_loss_before=before_loss, eval_loss_after=result.pop("eval_loss"),
                        eval_accuracy_before=before_acc, eval_accuracy_after=after_acc,
-                       flops_per_step=flops_per_step(c.model, "qlora" if c.four_bit else "lora", c.rank, c.targets, task.train_rows, tc, c.use_dora),
+                       flops_per_step=flops_per_step(c.model, "qlora" if c.four_bit else "lora", c.rank, c.targets, task.train_rows, tc, c.use_dora, c.lorafa),
                        **result, examples=task.examples, samples=samples)
         atomic_write(output / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics

@@ -123,7 +123,10 @@ def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
              dropout:float=0.0, # dropout on the adapters' input
              use_rslora:bool=False, # rank-stabilized scaling alpha/√r
              use_dora:bool=False, # DoRA: a trained magnitude per output times the direction of W0 + scale·BA
-             init_lora_weights:bool|str=True, # True, "gaussian", "pissa" or "pissa_niter_K" (peft's names)
+             init_lora_weights:bool|str=True, # True, "gaussian", "pissa", "pissa_niter_K" or "loftq" (peft's names)
+             lorafa:bool=False, # LoRA-FA (lesson 07): A stays frozen at its init and only B trains
+             loftq_bits:int|None=None, # with init_lora_weights="loftq" (lesson 11): the base's bits, 2, 3 or 4 (default 4)
+             loftq_iter:int|None=None, # with "loftq": alternations of quantizing and fitting A, B (default 1; 0: QLoRA's start)
              layer_cls=None, # the adapter layer class; default: `LoRALinear`
              autocast_adapter_dtype:bool=True, # fp32 adapters on a bf16/fp16 base (as peft); False: the base's dtype
              adapter_name:str="default", # a model may hold several adapters; the first one added is the active one
@@ -131,8 +134,14 @@ def add_lora(model:nn.Module, # e.g. a `LlamaForCausalLM`; changed in place
              **variant_fields, # peft config fields of variants added to `lora_kit.layers.VARIANTS`, e.g. lora_bias=True
             ) -> nn.Module:
     "Freeze `model` and wrap each target `nn.Linear` in a LoRA adapter layer (or add adapter `adapter_name` to it); returns `model`."
+    loftq = dict(loftq_bits=loftq_bits, loftq_iter=loftq_iter)
+    if init_lora_weights != "loftq" and (given := [k for k, v in loftq.items() if v is not None]):
+        raise ConfigError(f"{', '.join(given)} set LoftQ's quantization: use them with init_lora_weights='loftq'.")
+    loftq_config = dict(loftq_bits=loftq_bits or 4, loftq_iter=1 if loftq_iter is None else loftq_iter)
     config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, target_modules=target_modules,
-                  init_lora_weights=init_lora_weights, **({"use_dora": True} if use_dora else {}), **variant_fields)
+                  init_lora_weights=init_lora_weights, **({"use_dora": True} if use_dora else {}),
+                  **({"lorafa": True} if lorafa else {}),
+                  **({"loftq_config": loftq_config} if init_lora_weights == "loftq" else {}), **variant_fields)
     return _add_adapters(model, config, adapter_name, layer_cls, backward=backward, autocast_adapter_dtype=autocast_adapter_dtype)
 
 # %% ../nbs/03_inject.ipynb #eb3b8527

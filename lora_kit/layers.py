@@ -75,7 +75,7 @@ def no_init(layer, name:str):
     "peft's `False`: A and B both as `nn.Linear` draws them, so the layer does not start as its base (for tests)."
 
 INITS = {True: kaiming_init, "gaussian": gaussian_init, False: no_init,
-         "pissa": "lora_kit.variants:pissa_init"}  # init_lora_weights -> a function of (layer, adapter name)
+         "pissa": "lora_kit.variants:pissa_init", "loftq": "lora_kit.qlora:loftq_init"}  # init_lora_weights -> a function of (layer, adapter name)
 
 def init_for(init_lora_weights) -> callable:
     "The init function for peft's `init_lora_weights` value (`pissa_niter_K` is `pissa`'s), or `ConfigError` naming the known ones."
@@ -93,6 +93,10 @@ class PlainLoRA:
 
     def setup(self, layer, name:str):
         "Parameters this variant adds, made after the init: none."
+
+    def trained(self, layer, name:str) -> list[nn.Parameter]:
+        "The adapter's parameters that train while it is active: all of them (A, B and what `setup` added)."
+        return layer.adapter_parameters(name)
 
     def delta_weight(self, layer, name:str) -> torch.Tensor:
         "The update `scale·B@A` (out×in) that merging adds to the base weight."
@@ -121,7 +125,7 @@ class PlainLoRA:
         "Copy `tensors` (keys as `state_dict` gives them) into the adapter's weights."
         layer.lora_A[name].weight.copy_(tensors["lora_A.weight"]); layer.lora_B[name].weight.copy_(tensors["lora_B.weight"])
 
-VARIANTS = {"use_dora": "lora_kit.variants:DoRA"}  # a peft config field that, set, selects a variant class; none: PlainLoRA
+VARIANTS = {"use_dora": "lora_kit.variants:DoRA", "lorafa": "lora_kit.variants:LoRAFA"}  # a peft config field that, set, selects a variant class; none: PlainLoRA
 BACKWARDS = ("lean", "plain")  # lean: lesson 06's `lean_forward` where it applies; plain: autograd through `forward`
 LEAN_FORWARD = "lora_kit.efficient:lean_forward"
 
@@ -144,6 +148,7 @@ def config_settings(config:dict) -> dict:
     "The `add_adapter` arguments a peft LoRA config (a dict) sets."
     return dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                 use_rslora=config.get("use_rslora", False), init_lora_weights=config.get("init_lora_weights", True),
+                **({"loftq_config": config["loftq_config"]} if config.get("loftq_config") else {}),
                 **{field: True for field in VARIANTS if config.get(field)})
 
 # %% ../nbs/02_layers.ipynb #63b25892
@@ -236,6 +241,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def add_adapter(self, name:str, r:int, alpha:float, dropout:float=0.0, use_rslora:bool=False,
                     init_lora_weights:bool|str=True, use_dora:bool=False, autocast_adapter_dtype:bool=True,
+                    loftq_config:dict|None=None, # LoftQ's settings (lesson 11) with init_lora_weights="loftq"
                     **variant_fields): # other `VARIANTS` fields, e.g. a variant of your own
         "Add adapter `name` with peft's settings, initialised by its init function; the first adapter becomes the active one."
         if problem := adapter_name_problem(name, self.lora_A): raise ConfigError(f"adapter name {name!r}: {problem}")
@@ -252,7 +258,8 @@ class LoRALinear(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name], self.variants[name] = lora_scale(alpha, r, use_rslora), variant
         self.settings[name] = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-                                   init_lora_weights=init_lora_weights) | flags
+                                   init_lora_weights=init_lora_weights) | flags | (
+                                   {"loftq_config": dict(loftq_config)} if loftq_config else {})
         try: init(self, name); variant.setup(self, name)
         except Exception:
             self.delete_adapter(name)
@@ -267,7 +274,8 @@ class LoRALinear(nn.Module):
             raise ConfigError(f"No adapter named {unknown[0]!r}; this layer has {', '.join(map(repr, self.lora_A))}.")
         self.active_adapters = names
         for n in self.lora_A:
-            for p in self.adapter_parameters(n): p.requires_grad_(n in names)
+            trained = {id(p) for p in self.variants[n].trained(self, n)}
+            for p in self.adapter_parameters(n): p.requires_grad_(n in names and id(p) in trained)
 
     def adapter_parameters(self, name:str) -> list[nn.Parameter]:
         "Adapter `name`'s own parameters: A's, B's and what its variant added."
@@ -381,6 +389,8 @@ class LoRALinear(nn.Module):
         """Adapter `name`'s settings under peft's `LoraConfig` field names. An adapter with a start is saved as a plain
         LoRA of rank 2r on the original W0 with the same scale (alpha doubled, ×√2 with rsLoRA): see `adapter_state_dict`."""
         config = dict(self.settings[name])
+        if config["init_lora_weights"] == "loftq":  # done: A and B are weights on the changed base (peft saves it so too)
+            config = {k: v for k, v in config.items() if k != "loftq_config"} | dict(init_lora_weights=True)
         if name in self.lora_start:
             config |= dict(r=2 * config["r"], init_lora_weights=True,
                            lora_alpha=config["lora_alpha"] * (math.sqrt(2) if config["use_rslora"] else 2))

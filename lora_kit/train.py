@@ -29,6 +29,7 @@ from .data import collate
 from .efficient import chunked_cross_entropy, count_targets, next_token_targets, plain_head_weight
 from .inject import (CONFIG_NAME, active_adapters, adapter_folders, adapter_layers, plain_path_reasons, save_adapter,
                              load_adapter_weights, set_adapter, set_backward)
+from .variants import LoRAFAAdamW, lorafa_corrections
 
 # %% ../nbs/10_train.ipynb #91fa55d2
 def language_model(model:nn.Module) -> nn.Module:
@@ -328,10 +329,13 @@ def prepare_layers(model, config:TrainConfig, adapter_name:str|None=None):
     if config.grad_checkpointing: enable_gradient_checkpointing(model)
 
 def make_optimizer(model, config:TrainConfig) -> tuple:
-    "`(optimizer, scheduler)`: AdamW over the trainable parameters in their LoRA+ groups, and the warmup schedule; an error if nothing trains."
+    """`(optimizer, scheduler)`: AdamW over the trainable parameters in their LoRA+ groups (lesson 07's `LoRAFAAdamW`,
+    which corrects B's gradient, when the model has LoRA-FA adapters), and the warmup schedule; an error if nothing trains."""
     groups = optimizer_groups(model, config.lr, config.loraplus_lr_ratio)
     if not groups: raise LoraKitError("The model has no trainable parameters: call lora_kit.inject.add_lora first.")
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    if corrections := lorafa_corrections(model):
+        optimizer = LoRAFAAdamW(groups, lr=config.lr, weight_decay=config.weight_decay, corrections=corrections)
+    else: optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     return optimizer, lr_scheduler(optimizer, config)
 
 def step_batches(examples:list[dict], step:int, config:TrainConfig, collate_fn, accelerator) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Rank, targets, model, method, precision, sequence length, batch size, gradient checkpointing, optimizer and GPU in; memory by kind, FLOPs per step, trainable share and which GPU fits out. The logic is a pure function of the settings, tested by setting widget values.
+"""Rank, targets, model, method, precision, sequence length, batch size, gradient checkpointing, optimizer, LoRA-FA and GPU in; memory by kind, FLOPs per step, trainable share and which GPU fits out. The logic is a pure function of the settings, tested by setting widget values.
 
 Docs: https://lora-kit.github.io/lora_kit/widgets.html.md"""
 
@@ -70,6 +70,7 @@ class Dashboard:
         self.batch_size = W.SelectionSlider(options=tuple(2**i for i in range(8)), value=start.batch_size, description="batch", **slider)
         self.grad_checkpointing = W.Checkbox(value=start.grad_checkpointing, description="gradient checkpointing")
         self.optimizer = W.Dropdown(options=OPTIMIZERS, value=start.optimizer, description="optimizer")
+        self.lorafa = W.Checkbox(value=start.lorafa, description="LoRA-FA (A frozen)")
         self.gpu = W.Dropdown(options=list(GPUS), value="T4 16GB", description="GPU")
         self.summary, self.out, self.data, self._fig = W.HTML(), W.Output(), None, None
         for w in self._controls(): w.observe(self.update, names="value")
@@ -77,7 +78,7 @@ class Dashboard:
 
     def _controls(self):
         return [self.model, *self.custom.values(), self.tied, self.method, self.rank, self.targets, self.precision,
-                self.seq_len, self.batch_size, self.grad_checkpointing, self.optimizer, self.gpu]
+                self.seq_len, self.batch_size, self.grad_checkpointing, self.optimizer, self.lorafa, self.gpu]
 
     def config(self) -> str|LlamaConfig:
         "The chosen preset, or the custom `LlamaConfig`."
@@ -86,10 +87,11 @@ class Dashboard:
 
     def update(self, change=None):
         "Recompute `data` from the widget values and redraw."
+        self.lorafa.disabled = self.method.value == "full"  # LoRA-FA freezes adapters' A: lora and qlora only
         try:
             setup = Setup(self.method.value, self.rank.value, self.targets.value, self.precision.value, self.seq_len.value,
                           self.batch_size.value, grad_checkpointing=self.grad_checkpointing.value,
-                          optimizer=self.optimizer.value)
+                          optimizer=self.optimizer.value, lorafa=self.lorafa.value and self.method.value != "full")
             self.data = dashboard_data(self.config(), setup, self.gpu.value)
         except ConfigError as e:  # e.g. no target selected, or heads that do not divide the width
             self.data, self.summary.value = None, f"<b style='color:#b00'>{e}</b>"
@@ -116,7 +118,7 @@ class Dashboard:
         custom.layout.display = "" if self.model.value == "custom" else "none"
         self.model.observe(lambda c: setattr(custom.layout, "display", "" if c.new == "custom" else "none"), names="value")
         left = W.VBox([self.model, self.method, self.rank, self.seq_len, self.batch_size, self.precision,
-                       self.grad_checkpointing, self.optimizer, self.gpu])
+                       self.grad_checkpointing, self.lorafa, self.optimizer, self.gpu])
         return W.VBox([W.HBox([left, self.targets]), custom, self.summary, self.out])
 
     def show(self):

@@ -235,6 +235,16 @@ def test_efficiency_numbers_for_the_running_base(page, demo_model):
     assert any(c.value.startswith("Measured, not estimated") for c in at.caption)
 
 
+def test_lorafa_toggle_gives_the_estimate_of_lorafa(page):
+    "The Efficiency tab's LoRA-FA switch lowers the headline memory of a LoRA step."
+    at = page()
+    toggle = next(t for t in at.toggle if t.label.startswith("LoRA-FA"))
+    amount = lambda: float(metric(at, "Memory per step (lora, estimate)").value.split()[0].replace(",", ""))
+    before = amount()
+    toggle.set_value(True).run()
+    assert not at.exception and amount() < before  # only B trains, and no adapter keeps its input
+
+
 def test_rank_options_stop_at_the_smallest_targeted_dimension(page, demo_model):
     model, _ = demo_model
     at = page()
@@ -366,7 +376,8 @@ def test_adapters_in_subfolders_only_are_named_after_them(page, tmp_path):
 def test_a_single_adapter_folder_has_no_picker(page):
     at = page()
     assert not at.exception and not at.sidebar.selectbox
-    assert [t.label for t in at.toggle] == ["Sample (else greedy)", "Gradient checkpointing"]  # no "side by side"
+    assert [t.label for t in at.toggle] == ["Sample (else greedy)", "Gradient checkpointing",
+                                            "LoRA-FA: A frozen, no layer inputs kept (lora, qlora)"]  # no "side by side"
     at.button[0].click().run()
     assert [s.value for s in at.tabs[0].subheader] == ["Base model", "Base + adapter", "Speed"]
 

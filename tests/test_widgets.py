@@ -31,3 +31,14 @@ def test_bad_settings_show_a_reason_not_numbers():
     dash.custom["num_key_value_heads"].value = 5  # 32 query heads cannot share 5 key/value heads
     assert dash.data is None and "key/value groups" in dash.summary.value
     with pytest.raises(ConfigError, match="key/value groups"): custom_config(num_key_value_heads=5)
+
+
+def test_lorafa_box_gives_lorafa_estimates_and_is_off_for_full():
+    from lora_kit.accounting import estimate
+    dash = Dashboard()
+    dash.targets.value, dash.lorafa.value = ("q_proj", "v_proj", "down_proj"), True
+    expected = estimate("llama-2-7b", method="lora", targets=("q_proj", "v_proj", "down_proj"), lorafa=True)
+    assert dash.data["params_trainable"] == expected["params_trainable"] == 32 * 8 * (4096 + 4096 + 4096)  # B: out×r
+    assert dash.data["total_gib"] * 2**30 == pytest.approx(expected["memory_bytes"]["total"])
+    dash.method.value = "full"
+    assert dash.lorafa.disabled and dash.data is not None
