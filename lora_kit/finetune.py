@@ -62,7 +62,7 @@ class FinetuneConfig:
     use_rslora:bool = setting(False, SWITCH, "rank-stabilized scaling alpha/sqrt(r)", flag="--rslora")
     use_dora:bool = setting(False, SWITCH, "DoRA: a trained magnitude per output times the direction of W0 + scale*BA", flag="--dora")
     lorafa:bool = setting(False, SWITCH, "LoRA-FA: A frozen at its init, only B trains (its gradient corrected), no layer input kept for backward")
-    init_lora_weights:bool|str = setting(True, INIT, "adapter initialisation: kaiming, gaussian, pissa or pissa_niter_K (PiSSA: A and B "
+    init_lora_weights:bool|str = setting(True, INIT, "adapter initialisation: kaiming, gaussian, loftq (a quantized base fitted with A and B), pissa or pissa_niter_K (PiSSA: A and B "
                                          "from W0's top-r singular vectors; saved as a rank-2r LoRA on the original base)", flag="--init")
     four_bit:bool = setting(False, SWITCH, "QLoRA: an NF4 base (needs lora_kit[qlora])", flag="--4bit")
     loftq_bits:int|None = setting(None, optional(one_of(2, 3, 4)), "with --init loftq: the base's NormalFloat bits, 2, 3 or 4 "
