@@ -55,12 +55,35 @@ def test_a_small_budget_runs_what_fits_and_says_what_it_skipped(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     phases = json.loads((tmp_path / "report.json").read_text())["phases"]
     assert [n for n, p in phases.items() if p["status"] == "done"] == ["environment", "estimates"]
-    for name in ("training", "paths", "cuda_lessons"):
+    for name in ("loftq", "training", "paths", "cuda_lessons"):
         assert phases[name]["status"] == "skipped"
         expected = gpu_check.EXPECTED_SECONDS[name][1]
         assert f"expected ~{expected} s" in phases[name]["reason"] and "of the 3 s budget left" in phases[name]["reason"]
     assert "gpu-check: training skipped: expected ~" in r.stdout
     assert "| training | skipped |" in (tmp_path / "report.md").read_text()
+
+
+@no_gpu
+def test_the_loftq_phase_beats_qlora_start_and_says_peft_needs_cuda(tmp_path):
+    "Issue 31's GPU check, dry: the kit's LoftQ start error below QLoRA's (bitsandbytes' NF4 of W), peft's row left to CUDA."
+    import bitsandbytes.functional as bnbF, torch
+    from transformers import AutoModelForCausalLM
+    from lora_kit.tiny import base_path
+    r = gpu_check_run(tmp_path, "--only", "loftq")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "report.json").read_text())["phases"]["loftq"]["result"]
+    weights = [m.weight.detach() for n, m in AutoModelForCausalLM.from_pretrained(base_path()).named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    def qlora_error(W):
+        q, state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
+        return float((W - bnbF.dequantize_4bit(q, state)).norm() / W.norm())
+    qlora = sum(map(qlora_error, weights)) / len(weights)
+    assert result["layers"] == len(weights)
+    errors = {(row["scale"], row["iters"]): row["kit_error"] for row in result["rows"]}
+    assert errors[1, 5] < errors[1, 1] < qlora
+    assert abs(errors[2, 5] - errors[1, 5]) < 1e-3  # the kit fits s·BA: the scale does not change where it starts
+    assert all(row["peft_error"] is None for row in result["rows"])
+    assert (tmp_path / "report.md").read_text().count("needs CUDA") == 3
 
 
 def test_the_budget_counts_the_time_already_spent():

@@ -8,15 +8,18 @@ Then the phases run in order of value, each printing its result as soon as it ha
 each (so a run cut short still leaves one):
 
 (a) `environment`: GPU, compute capability, free memory, versions, what the bundle installed and what was kept;
-(b) `estimates`: `default_compute_dtype` and `lora_kit.accounting.estimate` for each row of (c);
-(c) `training`: LLaMA-2-7B with random weights, built in bf16 on the GPU and written once (the time measured) to
+(b) `estimates`: `default_compute_dtype` and `lora_kit.accounting.estimate` for each row of (d);
+(c) `loftq`: issue 31's check, the kit's LoftQ (`add_lora(init_lora_weights="loftq")`) against peft's `LoftQConfig`
+    (which runs only on CUDA) on the shipped base, all linear layers at 4 bits: each layer's start error
+    ‖W − (Q + s·BA)‖/‖W‖ for both and the largest gap between the two merged weights, at s = 1 and at s = 2;
+(d) `training`: LLaMA-2-7B with random weights, built in bf16 on the GPU and written once (the time measured) to
     memory-backed /dev/shm where it fits, else the temporary folder; NF4 QLoRA and bf16 LoRA, all linear layers at
     r=16, 512 tokens × batch 4, for lora_kit and for peft + bitsandbytes, and full fine-tuning in bf16 (the study's
     comparison of lesson 19 at 7B shapes): tokens per second over the timed steps and `torch.cuda.max_memory_allocated`
     against the estimate;
-(d) `paths`: issue 18's comparison, `lora_kit.bench.run_bench` on the fp32, autocast and qlora paths, lora_kit's
+(e) `paths`: issue 18's comparison, `lora_kit.bench.run_bench` on the fp32, autocast and qlora paths, lora_kit's
     lean layer + chunked loss against peft (4 blocks of LLaMA-2-7B's width, one interleaved run);
-(e) `cuda_lessons`: the lessons whose `#| cuda` cells need no download, run with execnb as `nbdev-test` runs them.
+(f) `cuda_lessons`: the lessons whose `#| cuda` cells need no download, run with execnb as `nbdev-test` runs them.
 
 `--budget SECONDS` (default 480, inside one 10-minute command) stops starting phases when the next one's expected time
 would not fit in what is left; the report names each skipped phase and why. It writes `report.json` and `report.md`
@@ -37,7 +40,8 @@ CUDA_LESSONS = ("nbs/00_core.ipynb", "nbs/04_accounting.ipynb")  # their `#| cud
 RANK, ALPHA, DROPOUT = 16, 32, 0.05
 # Seconds each phase is expected to take: (on the H200, on a 2-core CPU dry run). The CPU ones are the rehearsal's
 # measured times (README, "On a GPU"); the GPU ones are estimates until a lent machine has run the check.
-EXPECTED_SECONDS = dict(environment=(5, 1), estimates=(5, 2), training=(360, 12), paths=(150, 10), cuda_lessons=(150, 60))
+EXPECTED_SECONDS = dict(environment=(5, 1), estimates=(5, 2), training=(360, 12), paths=(150, 10), cuda_lessons=(150, 60),
+                        loftq=(30, 5))
 VERSIONS_OF = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors", "tokenizers",
                "numpy", "execnb", "fastcore")
 
@@ -263,8 +267,45 @@ def phase_cuda_lessons(ctx: dict) -> dict:
     return results
 
 
-PHASES = (("environment", phase_environment), ("estimates", phase_estimates), ("training", phase_training),
-          ("paths", phase_paths), ("cuda_lessons", phase_cuda_lessons))
+def linear_weights(model) -> dict:
+    "Each `nn.Linear` weight of a plain model but the head, by name, in fp32 on the CPU."
+    return {n: m.weight.detach().float().cpu() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+
+
+def start_errors(original: dict, merged: dict) -> torch.Tensor:
+    "Each layer's ‖W − (Q + s·BA)‖/‖W‖: the merged start against the original weight."
+    return torch.tensor([float((original[n] - merged[n]).norm() / original[n].norm()) for n in original])
+
+
+def phase_loftq(ctx: dict) -> dict:
+    """The kit's LoftQ against peft's on the shipped base (all linear layers, 4 bits, r = 16): start errors, and the gap
+    between the merged weights. peft's fits B·A without the scale s = alpha/r, so it matches the kit only at s = 1."""
+    from peft import LoftQConfig, LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from lora_kit.inject import add_lora, remove_lora
+    from lora_kit.tiny import base_path
+    base = lambda: AutoModelForCausalLM.from_pretrained(base_path(), dtype=torch.float32)
+    original, rows = linear_weights(base()), []
+    for alpha, iters in ((RANK, 1), (RANK, 5), (2 * RANK, 5)):
+        kit = linear_weights(remove_lora(add_lora(base(), "all-linear", r=RANK, alpha=alpha, init_lora_weights="loftq",
+                                                  loftq_bits=4, loftq_iter=iters)))
+        row = dict(scale=alpha / RANK, iters=iters, kit_error=round(float(start_errors(original, kit).mean()), 5))
+        if ctx["on_gpu"]:
+            config = LoraConfig(r=RANK, lora_alpha=alpha, target_modules="all-linear", init_lora_weights="loftq",
+                                loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=iters))
+            theirs = linear_weights(get_peft_model(base(), config).merge_and_unload())
+            row.update(peft_error=round(float(start_errors(original, theirs).mean()), 5),
+                       max_gap=float(max((kit[n] - theirs[n]).abs().max() for n in kit)))
+        else: row.update(peft_error=None, max_gap=None)  # peft's loftq_init moves each weight to "cuda"
+        rows.append(row)
+        print(f"  s={row['scale']:g} T={iters}: mean start error kit {row['kit_error']}, peft {row['peft_error']}, "
+              f"max |kit - peft| {row['max_gap']}", flush=True)
+    return dict(layers=len(original), rows=rows)
+
+
+PHASES = (("environment", phase_environment), ("estimates", phase_estimates), ("loftq", phase_loftq),
+          ("training", phase_training), ("paths", phase_paths), ("cuda_lessons", phase_cuda_lessons))
 
 
 def run_phases(ctx: dict, budget: float, write, phases=PHASES, expected_seconds=EXPECTED_SECONDS,
@@ -341,6 +382,14 @@ def markdown(report: dict) -> str:
                   f"{'yes' if r['meets_goal'] else 'no'} |" for r in paths["rows"]]
     lessons = ph.get("cuda_lessons", {}).get("result")
     if lessons: lines += ["", "`#| cuda` lessons: " + ", ".join(f"{k}: {v.splitlines()[0]}" for k, v in lessons.items())]
+    loftq = ph.get("loftq", {}).get("result")
+    if loftq:
+        lines += ["", f"LoftQ on the shipped base, {loftq['layers']} linear layers, 4 bits, r={RANK}: mean start error "
+                  "‖W − (Q + s·BA)‖/‖W‖ (QLoRA's start is the T = 0 error) and the largest |kit − peft| of the merged weights "
+                  "(peft's runs only on CUDA):", "", "| s = alpha/r | iterations | kit | peft | max gap |", "|---:|---:|---:|---:|---:|"]
+        for r in loftq["rows"]:
+            peft = "needs CUDA | " if r["peft_error"] is None else f"{r['peft_error']} | {r['max_gap']:.2e}"
+            lines.append(f"| {r['scale']:g} | {r['iters']} | {r['kit_error']} | {peft} |")
     return "\n".join(lines) + "\n"
 
 
