@@ -9,13 +9,13 @@ Docs: https://lora-kit.github.io/lora_kit/data.html.md"""
 __all__ = ['ROLES', 'Segments', 'ALPACA_PREAMBLE', 'TEMPLATES', 'LLAMA2_CHAT_TEMPLATE', 'MARK', 'DataError', 'to_messages',
            'read_rows', 'demo_path', 'load_instructions', 'llama2_chat', 'alpaca', 'plain', 'chat_template',
            'get_template', 'prompt_and_reference', 'llama2_style_tokenizer', 'user_spans', 'encode_messages',
-           'show_loss_tokens', 'fit_to_length', 'tokenize_messages', 'pack', 'tokenize_dataset', 'collate',
+           'show_loss_tokens', 'fit_to_length', 'tokenize_messages', 'fill_rows', 'pack', 'tokenize_dataset', 'collate',
            'ensure_pad_token']
 
 # %% ../nbs/08_data.ipynb #a1873a04
-import csv, json, warnings
+import bisect, csv, json, warnings
 from functools import partial
-from itertools import takewhile
+from itertools import chain, takewhile
 from pathlib import Path
 from typing import Callable
 import torch  # `datasets` is imported where a function needs it: the app and export load this module without it
@@ -294,14 +294,32 @@ def tokenize_messages(messages:list[dict], tokenizer, template:str|Callable="lla
             "truncated": len(keep) < len(enc["kinds"])}
 
 # %% ../nbs/08_data.ipynb #6ddd65ea
-def pack(ds:"datasets.Dataset", max_length:int) -> "datasets.Dataset":
-    "Concatenate `input_ids`/`labels` of all rows and cut them into blocks of `max_length` (the last may be shorter)."
+def fill_rows(lengths:list[int], # each example's token count, none above `capacity`
+              capacity:int, # tokens a row holds
+             ) -> list[list[int]]:
+    "Example indices grouped into rows of at most `capacity` tokens: longest first, each into the fullest row it fits."
+    rows, room = [], []  # room: sorted (tokens left, row) of the rows with space
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # a stable sort: the same rows every time
+        at = bisect.bisect_left(room, (lengths[i], -1))  # the row with the least room that still fits it
+        if at == len(room): rows.append([]); left, row = capacity, len(rows) - 1
+        else: left, row = room.pop(at)
+        rows[row].append(i)
+        if left > lengths[i]: bisect.insort(room, (left - lengths[i], row))
+    return rows
+
+def pack(ds:"datasets.Dataset", # tokenized rows: `input_ids` and `labels`
+         max_length:int, # tokens per packed row; no example may be longer
+        ) -> "datasets.Dataset":
+    "Whole examples packed into rows of at most `max_length` tokens by `fill_rows`, each row flattened by transformers' `DataCollatorWithFlattening`."
     import datasets
-    ids = [i for row in ds["input_ids"] for i in row]
-    labels = [l for row in ds["labels"] for l in row]
-    starts = range(0, len(ids), max_length)
-    return datasets.Dataset.from_dict({"input_ids": [ids[s:s + max_length] for s in starts],
-                                       "labels": [labels[s:s + max_length] for s in starts]})
+    from transformers import DataCollatorWithFlattening
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    if lengths and max(lengths) > max_length:
+        raise DataError(f"an example has {max(lengths)} tokens, more than a packed row's {max_length}; tokenize with "
+                        f"max_length={max_length} (tokenize_dataset cuts longer examples) or pack into longer rows")
+    flatten, examples = DataCollatorWithFlattening(return_tensors="np"), ds.select_columns(["input_ids", "labels"]).to_list()
+    rows = [flatten([examples[i] for i in row]) for row in fill_rows(lengths, max_length)]
+    return datasets.Dataset.from_dict({k: [row[k][0].tolist() for row in rows] for k in ("input_ids", "labels", "position_ids")})
 
 # %% ../nbs/08_data.ipynb #5b443c98
 def _nothing_left(ds:"datasets.Dataset", tokenizer, template, max_length:int, name:str) -> DataError:
@@ -321,7 +339,7 @@ def tokenize_dataset(ds:"datasets.Dataset",             # rows with `messages`, 
                      tokenizer,
                      template:str|Callable="llama2",   # see `get_template`
                      max_length:int=512,               # a longer example is cut by `fit_to_length`, and counted
-                     packing:bool=False,               # concatenate into blocks of `max_length`
+                     packing:bool=False,               # whole examples into rows of `max_length` (`pack`)
                      name:str="train",                 # what the warning and the error call these examples, e.g. "eval"
                     ) -> "datasets.Dataset":
     "Tokenized `input_ids`/`labels` (−100 on prompts) and `truncated`; drops examples left without a reply token, counted in one warning."
@@ -338,12 +356,14 @@ def tokenize_dataset(ds:"datasets.Dataset",             # rows with `messages`, 
 
 # %% ../nbs/08_data.ipynb #4c0fda3a
 def collate(rows:list[dict], pad_token_id:int) -> dict[str, torch.Tensor]:
-    "A padded batch: `input_ids`, `attention_mask` and `labels` tensors, right-padded to the longest row."
+    "A batch right-padded to the longest row: `input_ids`, `labels` and `attention_mask`, or for packed rows (`pack`) `position_ids` and the count of `real_tokens` instead."
     n = max(len(r["input_ids"]) for r in rows)
     pad = lambda seq, value: list(seq) + [value] * (n - len(seq))
-    return {"input_ids": torch.tensor([pad(r["input_ids"], pad_token_id) for r in rows]),
-            "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
-            "labels": torch.tensor([pad(r["labels"], -100) for r in rows])}
+    batch = {"input_ids": torch.tensor([pad(r["input_ids"], pad_token_id) for r in rows]),
+             "labels": torch.tensor([pad(r["labels"], -100) for r in rows])}
+    if "position_ids" not in rows[0]: return batch | {"attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows])}
+    positions = [list(r["position_ids"]) + list(range(n - len(r["position_ids"]))) for r in rows]  # padding: one more example, no loss
+    return batch | {"position_ids": torch.tensor(positions), "real_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
 
 # %% ../nbs/08_data.ipynb #85feef88
 def ensure_pad_token(tokenizer):

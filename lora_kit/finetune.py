@@ -20,7 +20,7 @@ from .core import (ALPHA, DROPOUT, PATH, RANK, SWITCH, TEXT, ConfigError, LoraKi
 from .layers import check_lora_args
 from .inject import ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_targets, remove_lora, save_adapter
 from .accounting import Setup, estimate_methods
-from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, tokenize_dataset
+from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, pack, tokenize_dataset
 from .tiny import exact_match
 from .train import COUNT, CHECKPOINTS, POSITIVE, NonFiniteLossError, TrainConfig, checkpoints, evaluate_loss, keeping_checkpoints, plot_history, train
 from .variants import pissa_niter
@@ -71,6 +71,10 @@ class FinetuneConfig:
                                   "fitting A, B (default 1; 0: the base quantized alone, QLoRA's start)")
     template:str = setting("llama2", one_of(*TEMPLATES, "chat"), "the prompt template (chat: the tokenizer's own)")
     max_length:int = setting(256, COUNT, "tokens per example; a longer one loses the end of its prompt first (lesson 08), and is counted")
+    packing:bool = setting(False, SWITCH, "pack whole training examples into rows of --max-length tokens (lesson 08's pack): no padding, "
+                           "each example attending only to itself")
+    tokens_per_batch:int|None = setting(None, optional(COUNT), "with --packing: tokens per micro-batch, as packed rows of --max-length "
+                                        "(this // max_length of them) instead of --batch-size rows")
     eval_examples:int = setting(200, COUNT, "held-out examples measured before and after")
     resume:bool = setting(False, SWITCH, "continue the run in --output from its newest checkpoint")
     resume_fallback:bool = setting(False, SWITCH, "with --resume: if the newest checkpoint is broken, use the one before (with a warning)")
@@ -91,6 +95,12 @@ class FinetuneConfig:
         if self.four_bit and (self.use_dora or self.init_lora_weights not in (True, "gaussian")):
             raise ConfigError("DoRA, PiSSA and LoftQ need the base weights in 16 or 32 bits (a norm, an SVD, LoftQ's own "
                               "quantization); drop four_bit (--4bit) or use plain LoRA.", field="four_bit")
+        if self.tokens_per_batch is not None and not self.packing:
+            raise ConfigError("tokens_per_batch sets the length of packed rows: use it with packing=True (--packing).", field="tokens_per_batch")
+        if self.tokens_per_batch is not None and self.tokens_per_batch < self.max_length:
+            raise ConfigError(f"tokens_per_batch={self.tokens_per_batch} is below max_length={self.max_length}: a packed row must "
+                              "hold the longest example; raise tokens_per_batch (--tokens-per-batch) or lower max_length (--max-length).",
+                              field="tokens_per_batch")
         if self.init_lora_weights != "loftq" and (given := [f for f in ("loftq_bits", "loftq_iter") if getattr(self, f) is not None]):
             raise ConfigError(f"{given[0]} sets LoftQ's quantization: use it with init_lora_weights='loftq' (--init loftq).",
                               field=given[0])
@@ -123,7 +133,7 @@ def split_data(config:FinetuneConfig) -> tuple[datasets.Dataset, datasets.Datase
 @dataclass
 class Task:
     "A fine-tune's data, ready to train on: tokenized rows, the held-out conversations, batching and the step count."
-    train_rows:list[dict] # tokenized: `input_ids` and `labels`
+    train_rows:list[dict] # tokenized: `input_ids` and `labels` (and `position_ids`, packed)
     eval_rows:list[dict]
     eval_conversations:list[list[dict]] # the held-out examples as messages, for exact match
     examples:dict # per split: whole, truncated and dropped examples (the three add up to the split)
@@ -131,12 +141,16 @@ class Task:
     collate_fn:callable
 
 def prepare_task(c:FinetuneConfig, tokenizer) -> Task:
-    "Split `c`'s data, tokenize it in `c.template` to `c.max_length`, count truncations and fix the steps."
+    "Split `c`'s data, tokenize it in `c.template` to `c.max_length`, count truncations, pack if asked and fix the steps."
     splits = dict(zip(("train", "eval"), split_data(c)))
     tokenized = {split: tokenize_dataset(ds, tokenizer, c.template, c.max_length, name=split) for split, ds in splits.items()}
     examples = {split: dict(whole=len(t) - sum(t["truncated"]), truncated=sum(t["truncated"]), dropped=len(splits[split]) - len(t))
                 for split, t in tokenized.items()}
-    train_rows, tc = tokenized["train"].to_list(), c.train
+    train_rows, tc = tokenized["train"], c.train
+    if c.packing:  # rows of max_length, one row each where a padded batch has one example
+        train_rows = pack(train_rows, c.max_length)
+        if c.tokens_per_batch: tc = replace(tc, batch_size=c.tokens_per_batch // c.max_length)
+    train_rows = train_rows.to_list()
     if c.epochs: tc = replace(tc, max_steps=max(1, math.ceil(c.epochs * len(train_rows) / (tc.batch_size * tc.grad_accum))))
     return Task(train_rows, tokenized["eval"].to_list(), splits["eval"]["messages"], examples, tc,
                 partial(collate, pad_token_id=tokenizer.pad_token_id))
@@ -209,7 +223,7 @@ def summary(metrics:dict, output:str|Path) -> str:
     m, flops = metrics, metrics.get("flops_per_step")
     lines = [f"trained {m['trainable_params']:,} of {m['total_params']:,} parameters "
              f"({100 * m['trainable_params'] / m['total_params']:.2f}%) for {m['steps']} steps in {m['train_seconds']:.0f} s "
-             f"({m['tokens_per_second']:,.0f} tokens/s)"]
+             f"({m['tokens_per_second']:,.0f} tokens/s" + (f", {m['padding_share']:.0%} of positions padding)" if "padding_share" in m else ")")]
     if flops: lines.append(f"FLOPs per step: {flops[next(iter(flops))]:.3g} vs {flops['full']:.3g} for full fine-tuning "
                            f"({1 - flops[next(iter(flops))] / flops['full']:.0%} saved)")
     lines += [f"peak memory: {m['peak_memory_bytes'] / 2**20:,.0f} MiB",

@@ -38,7 +38,7 @@ def language_model(model:nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 def loss_sum(model:nn.Module, # a `...ForCausalLM` (LLaMA family), maybe in `DistributedDataParallel` or peft
-             batch:dict, # `input_ids`, `attention_mask`, and `labels` (−100: no loss there)
+             batch:dict, # `input_ids`, `labels` (−100: no loss there), and `attention_mask` or, packed, `position_ids`
              chunk_size:int=256, # rows of logits computed at a time
             ) -> tuple[torch.Tensor, torch.Tensor]:
     "Summed next-token cross-entropy over target tokens (labels ≠ −100), and their count; never the full logits."
@@ -47,7 +47,8 @@ def loss_sum(model:nn.Module, # a `...ForCausalLM` (LLaMA family), maybe in `Dis
     caught = {}
     hook = lm.base_model.register_forward_hook(lambda module, inputs, out: caught.update(hidden=out.last_hidden_state))
     no_positions = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
-    try: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=no_positions)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    try: model(**inputs, use_cache=False, logits_to_keep=no_positions)  # no cache: transformers then reads packed positions
     finally: hook.remove()
     loss = chunked_cross_entropy(caught["hidden"], weight, next_token_targets(batch["labels"]), chunk_size, reduction="sum")
     return loss, count_targets(batch["labels"])
@@ -347,20 +348,21 @@ def step_batches(examples:list[dict], step:int, config:TrainConfig, collate_fn, 
 def train_step(model, batches:list[dict], # this process's micro-batches (`step_batches`)
                step:int, # the step's number, from 1, for the non-finite-loss error
                optimizer, scheduler, accelerator, max_grad_norm:float) -> tuple[float, int]:
-    "One optimizer step: each micro-batch's summed loss over the global batch's target count, backward, clip, update; `(loss, tokens)`."
+    "One optimizer step: each micro-batch's summed loss over the global batch's target count, backward, clip, update; `(loss, tokens, positions)`: real tokens, and the positions computed (padding too)."
     world_size = accelerator.num_processes
     n_targets = max(accelerator.reduce(sum(count_targets(b["labels"]) for b in batches), "sum").item(), 1)  # all processes'
-    step_loss, tokens = 0.0, 0
+    step_loss, tokens, positions = 0.0, 0, 0
     for m, batch in enumerate(batches):
         with accelerator.no_sync(model) if m < len(batches) - 1 else torch.enable_grad():  # gradients synced once, at the last
             with accelerator.autocast(): total, _ = loss_sum(model, batch)
             accelerator.backward(total * world_size / n_targets)
-        step_loss, tokens = step_loss + total.item(), tokens + int(batch["attention_mask"].sum())
+        step_loss, positions = step_loss + total.item(), positions + batch["input_ids"].numel()
+        tokens += int(batch["attention_mask"].sum() if "attention_mask" in batch else batch["real_tokens"])
     loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item() / n_targets
     check_finite(loss, step)
     accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)  # frozen ones have no grad
     optimizer.step(); scheduler.step(); optimizer.zero_grad()
-    return loss, tokens
+    return loss, tokens, positions
 
 # %% ../nbs/10_train.ipynb #4141b1dc
 def _precision(config:TrainConfig) -> str:
@@ -395,23 +397,24 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     evaluate = lambda: dict(eval_loss=evaluate_loss(model, eval_examples, collate_fn),
                             **(metric_fn(accelerator.unwrap_model(model)) if metric_fn else {}))
     due = lambda step, every: bool(every) and step % every == 0
-    history, tokens, seconds = [], 0, 0.0
-    speed = lambda: tokens * accelerator.num_processes / max(seconds, 1e-9)  # tokens per second, all processes
+    history, tokens, positions, seconds = [], 0, 0, 0.0
+    speed = lambda: tokens * accelerator.num_processes / max(seconds, 1e-9)  # real tokens per second, all processes
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="training", mininterval=2.0,
                **({} if accelerator.is_main_process else dict(disable=True)))  # on the main process TQDM_DISABLE=1 works
     model.train()
     for step in bar:
         t0 = time.perf_counter()
-        loss, step_tokens = train_step(model, step_batches(train_examples, step, config, collate_fn, accelerator), step + 1,
+        loss, step_tokens, step_positions = train_step(model, step_batches(train_examples, step, config, collate_fn, accelerator), step + 1,
                                        optimizer, scheduler, accelerator, config.max_grad_norm)
-        tokens, seconds = tokens + step_tokens, seconds + time.perf_counter() - t0
+        tokens, positions, seconds = tokens + step_tokens, positions + step_positions, seconds + time.perf_counter() - t0
         evaluated = evaluate() if eval_examples and due(step + 1, config.eval_every) else {}
         history.append(dict(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0], **evaluated))
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed():.0f}", refresh=False)
         if output_dir and due(step + 1, config.save_every):
             with keeping_checkpoints(output_dir):  # a full disk: the error names the checkpoint before this one
                 save_checkpoint(output_dir, step + 1, *state, base_model_name_or_path)
-    return dict(steps=config.max_steps, train_seconds=seconds, tokens_per_second=speed(), peak_memory_bytes=peak_memory_bytes(),
+    return dict(steps=config.max_steps, train_seconds=seconds, tokens_per_second=speed(), padding_share=1 - tokens / max(positions, 1),
+                peak_memory_bytes=peak_memory_bytes(),
                 trainable_params=count_params(model, trainable_only=True), total_params=count_params(model),
                 world_size=accelerator.num_processes, history=history, **(evaluate() if eval_examples else {}))
 

@@ -1,4 +1,4 @@
-"""lora_kit.data on real files: loading, checks with file and row, templates, label masks, truncation counts, packing.
+"""lora_kit.data on real files: loading, checks with file and row, templates, label masks, truncation counts, packing whole examples.
 
 The truncation rule itself (the prompt cut before the reply, drops, the CLI's exit) is tested in test_truncation.py."""
 import csv, json, warnings
@@ -138,13 +138,17 @@ def test_truncation_is_counted(tok):
         assert [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != -100] == reply
 
 
-def test_packing_keeps_every_token_and_label(tok):
+def test_packing_keeps_every_example_whole_with_positions_from_zero(tok):
+    "`tokenize_dataset(packing=True)`: fewer rows, none longer than max_length, each example's tokens and labels in one row."
     ds = load_instructions(demo_path("eval")).select(range(30))
     plain = tokenize_dataset(ds, tok, max_length=128)
     packed = tokenize_dataset(ds, tok, max_length=128, packing=True)
-    assert [len(b) for b in packed["input_ids"][:-1]] == [128] * (len(packed) - 1)
-    assert sum(packed["input_ids"], []) == sum(plain["input_ids"], [])
-    assert sum(packed["labels"], []) == sum(plain["labels"], [])
+    assert len(packed) < len(plain) and max(len(ids) for ids in packed["input_ids"]) <= 128
+    pieces = []
+    for ids, labels, positions in zip(packed["input_ids"], packed["labels"], packed["position_ids"]):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        pieces += [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+    assert sorted(pieces) == sorted(zip(plain["input_ids"], plain["labels"]))
 
 
 def test_collate_pads_with_pad_and_ignore_index():

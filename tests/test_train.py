@@ -227,6 +227,20 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
         assert {"adapter_model.safetensors", "trainer_state.pt", "rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in step.iterdir()}
 
 
+@pytest.mark.slow
+def test_packed_rows_train_the_same_under_two_processes_as_under_one(tmp_path):
+    "Packed rows (issue 32) through data parallel: 1 process with 2 accumulation steps against 2 under torchrun, same global batch."
+    pack = ["--pack", "64", "--batch-size", "1"]
+    run([sys.executable, str(WORKER), str(tmp_path / "single"), "--grad-accum", "2", *pack], tmp_path)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(WORKER), str(tmp_path / "ddp"), *pack], tmp_path)
+    single, ddp = (json.loads((tmp_path / d / "rank0" / "result.json").read_text()) for d in ("single", "ddp"))
+    assert (single["world_size"], ddp["world_size"]) == (1, 2) and single["losses"][-1] < single["losses"][0]
+    for a, b in zip(single["losses"], ddp["losses"], strict=True): assert abs(a - b) < 1e-5, (single["losses"], ddp["losses"])
+    ours, theirs = (load_file(tmp_path / d / "rank0" / "adapter.safetensors") for d in ("single", "ddp"))
+    for key in ours: assert torch.allclose(ours[key], theirs[key], atol=1e-5), key
+
+
 def test_data_parallel_never_builds_the_full_logits(runs):
     "Each micro-batch (2 rows per process in both runs) would have batch × seq × vocab fp32 logits; none are made."
     shortest = min(len(row["input_ids"]) for row in examples())

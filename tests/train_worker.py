@@ -26,6 +26,13 @@ def examples():
     return out
 
 
+def packed(max_length: int) -> list[dict]:
+    "`examples()` packed whole into rows of `max_length` tokens, with positions restarting at each example."
+    from datasets import Dataset
+    from lora_kit.data import pack
+    return pack(Dataset.from_list(examples()), max_length).to_list()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -38,6 +45,7 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--loraplus-ratio", type=float, default=1.0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--pack", type=int, default=0, help="pack the examples whole into rows of this many tokens (lora_kit.data.pack)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     vocab = {} if args.vocab_size is None else dict(vocab_size=args.vocab_size)
@@ -48,7 +56,7 @@ def main(argv=None):
     cfg = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=5e-3,
                       loraplus_lr_ratio=args.loraplus_ratio, warmup_steps=1, save_every=args.save_every)
     with SavedTensorLog(model) as saved:
-        result = train(model, examples(), config=cfg, output_dir=args.out, resume_from=args.out if args.resume else None)
+        result = train(model, packed(args.pack) if args.pack else examples(), config=cfg, output_dir=args.out, resume_from=args.out if args.resume else None)
     # parameters as they are now: under data parallel their storage moves after `SavedTensorLog` looked them up
     params = {(t.device, t.untyped_storage().data_ptr()) for t in (*model.parameters(), *model.buffers())}
     activations = [r for r in saved.unique(include_params=True) if r.storage not in params]
