@@ -127,6 +127,7 @@ def base_name(model, base_model_name_or_path:str|None=None) -> str|None:
 
 def save_checkpoint(output_dir:Path, step:int, model, optimizer, scheduler, accelerator:Accelerator,
                     base_model_name_or_path:str|None=None, # recorded for a resume to check; default: the model's own
+                    packed:bool=False, # trained on packed rows (lesson 08's `pack`): recorded, as a step sees other rows then
                    ) -> Path:
     "Write checkpoint `step` under `output_dir/checkpoints`, whole or not at all; one already there is replaced."
     final = Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
@@ -139,7 +140,7 @@ def save_checkpoint(output_dir:Path, step:int, model, optimizer, scheduler, acce
             torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=step),
                        folder / "trainer_state.pt")
             (folder / RUN_SETTINGS).write_text(json.dumps(dict(adapter=adapter_settings(unwrapped), base_model_name_or_path=base,
-                                                               world_size=accelerator.num_processes), indent=2) + "\n")
+                                                               world_size=accelerator.num_processes, packed=packed), indent=2) + "\n")
         accelerator.wait_for_everyone()  # the partial folder exists
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         torch.save(rng, folder / f"rng_state_{accelerator.process_index}.pt")
@@ -182,6 +183,7 @@ def checkpoint_differences(path:str|Path, # a checkpoint folder
                            model, # this run's model, adapters added
                            world_size:int=1, # this run's number of processes
                            base_model_name_or_path:str|None=None, # this run's base; default: the model's `name_or_path`
+                           packed:bool=False, # this run trains on packed rows
                           ) -> list[tuple[str, str, str]]:
     "`(the checkpoint's setting, this run's, how to resume it)` for each that differs; a record that cannot be read raises."
     path = Path(path)
@@ -206,6 +208,8 @@ def checkpoint_differences(path:str|Path, # a checkpoint folder
     if recorded_base and ours and str(recorded_base) != str(ours):  # one side unknown (a model built from a config): not checked
         shown = _shown("base_model_name_or_path", recorded_base)
         found.append((f"base model {shown}", f"base model {_shown('base_model_name_or_path', ours)}", f"with --model {shown}"))
+    if (path / RUN_SETTINGS).exists() and (theirs := record.get("packed", False)) != packed:  # a step would see other rows
+        found.append((f"packing {'on' if theirs else 'off'}", f"packing {'on' if packed else 'off'}", f"{'with' if theirs else 'without'} --packing"))
     if (saved := len(list(path.glob("rng_state_*.pt")))) and saved != world_size:
         found.append((_processes(saved), _processes(world_size),
                       f"under torchrun with {saved} processes" if saved > 1 else "as one process, without torchrun"))
@@ -221,11 +225,12 @@ def mismatch_error(path:Path, differences:list[tuple[str, str, str]]) -> Checkpo
 
 def load_checkpoint(path:Path, model, optimizer, scheduler, accelerator:Accelerator,
                     base_model_name_or_path:str|None=None, # this run's base, checked against the checkpoint's
+                    packed:bool=False, # this run trains on packed rows, checked too
                    ) -> int:
     "Restore adapter, optimizer, scheduler and this process's RNG from checkpoint `path`; returns its step."
     unwrapped = accelerator.unwrap_model(model)
     try:
-        differences = checkpoint_differences(path, unwrapped, accelerator.num_processes, base_model_name_or_path)
+        differences = checkpoint_differences(path, unwrapped, accelerator.num_processes, base_model_name_or_path, packed)
         if not differences:
             state = torch.load(path / "trainer_state.pt", weights_only=True)
             rng = torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
@@ -239,11 +244,11 @@ def load_checkpoint(path:Path, model, optimizer, scheduler, accelerator:Accelera
     if rng["cuda"]: torch.cuda.set_rng_state_all(rng["cuda"])
     return state["step"]
 
-def resume(resume_from:str|Path, fallback:bool, *state, base_model_name_or_path:str|None=None) -> int:
+def resume(resume_from:str|Path, fallback:bool, *state, base_model_name_or_path:str|None=None, packed:bool=False) -> int:
     "Load the checkpoint `resume_from` (or the newest in an output folder); with `fallback`, older ones if it is broken."
     candidates = checkpoints(resume_from)[::-1] or [Path(resume_from)]
     for i, path in enumerate(candidates):
-        try: return load_checkpoint(path, *state, base_model_name_or_path=base_model_name_or_path)
+        try: return load_checkpoint(path, *state, base_model_name_or_path=base_model_name_or_path, packed=packed)
         except CheckpointMismatchError: raise  # another run's settings: the older checkpoints have them too
         except LoraKitError as e:
             if not fallback or i == len(candidates) - 1: raise
@@ -393,7 +398,9 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     optimizer, scheduler = make_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = (model, optimizer, scheduler, accelerator)  # what a checkpoint holds
-    start = 0 if resume_from is None else resume(resume_from, resume_fallback, *state, base_model_name_or_path=base_model_name_or_path)
+    packed = "position_ids" in train_examples[0]  # lesson 08's packed rows: a resume must see them too
+    start = 0 if resume_from is None else resume(resume_from, resume_fallback, *state, base_model_name_or_path=base_model_name_or_path,
+                                                 packed=packed)
     evaluate = lambda: dict(eval_loss=evaluate_loss(model, eval_examples, collate_fn),
                             **(metric_fn(accelerator.unwrap_model(model)) if metric_fn else {}))
     due = lambda step, every: bool(every) and step % every == 0
@@ -412,7 +419,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed():.0f}", refresh=False)
         if output_dir and due(step + 1, config.save_every):
             with keeping_checkpoints(output_dir):  # a full disk: the error names the checkpoint before this one
-                save_checkpoint(output_dir, step + 1, *state, base_model_name_or_path)
+                save_checkpoint(output_dir, step + 1, *state, base_model_name_or_path, packed)
     return dict(steps=config.max_steps, train_seconds=seconds, tokens_per_second=speed(), padding_share=1 - tokens / max(positions, 1),
                 peak_memory_bytes=peak_memory_bytes(),
                 trainable_params=count_params(model, trainable_only=True), total_params=count_params(model),

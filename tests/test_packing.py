@@ -182,3 +182,15 @@ def test_a_packed_job_resumed_from_its_checkpoint_ends_where_the_uninterrupted_o
     straight, resumed = (load_file(folder / "adapter_model.safetensors") for folder in (config.output, tmp_path))
     assert straight.keys() == resumed.keys()
     for key in straight: torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
+
+
+def test_a_packed_checkpoint_resumed_without_packing_is_refused_naming_the_flag(packed_job, tmp_path):
+    import shutil
+    from dataclasses import replace
+    from lora_kit.finetune import finetune
+    from lora_kit.train import CHECKPOINTS, CheckpointMismatchError
+    config, _, _ = packed_job
+    shutil.copytree(config.output / CHECKPOINTS / "step-000002", tmp_path / CHECKPOINTS / "step-000002")
+    with pytest.raises(CheckpointMismatchError, match="trained with packing on, this run asks for packing off: resume with --packing"):
+        finetune(replace(config, output=tmp_path, resume=True, packing=False, tokens_per_batch=None))
+    assert not (tmp_path / "adapter_model.safetensors").exists()  # refused before anything trained or was written
