@@ -13,7 +13,7 @@ __all__ = ['ROLES', 'Segments', 'ALPACA_PREAMBLE', 'TEMPLATES', 'LLAMA2_CHAT_TEM
            'ensure_pad_token']
 
 # %% ../nbs/08_data.ipynb #a1873a04
-import bisect, csv, json, warnings
+import bisect, csv, json, random, warnings
 from functools import partial
 from itertools import chain, takewhile
 from pathlib import Path
@@ -296,10 +296,13 @@ def tokenize_messages(messages:list[dict], tokenizer, template:str|Callable="lla
 # %% ../nbs/08_data.ipynb #6ddd65ea
 def fill_rows(lengths:list[int], # each example's token count, none above `capacity`
               capacity:int, # tokens a row holds
+              seed:int=0, # the order examples are placed in: the same seed, the same rows
              ) -> list[list[int]]:
-    "Example indices grouped into rows of at most `capacity` tokens: longest first, each into the fullest row it fits."
+    "Example indices grouped into rows of at most `capacity` tokens: in a seeded shuffle, each into the fullest row it fits."
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
     rows, room = [], []  # room: sorted (tokens left, row) of the rows with space
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # a stable sort: the same rows every time
+    for i in order:
         at = bisect.bisect_left(room, (lengths[i], -1))  # the row with the least room that still fits it
         if at == len(room): rows.append([]); left, row = capacity, len(rows) - 1
         else: left, row = room.pop(at)
@@ -309,6 +312,7 @@ def fill_rows(lengths:list[int], # each example's token count, none above `capac
 
 def pack(ds:"datasets.Dataset", # tokenized rows: `input_ids` and `labels`
          max_length:int, # tokens per packed row; no example may be longer
+         seed:int=0, # `fill_rows`'s shuffle
         ) -> "datasets.Dataset":
     "Whole examples packed into rows of at most `max_length` tokens by `fill_rows`, each row flattened by transformers' `DataCollatorWithFlattening`."
     import datasets
@@ -318,7 +322,7 @@ def pack(ds:"datasets.Dataset", # tokenized rows: `input_ids` and `labels`
         raise DataError(f"an example has {max(lengths)} tokens, more than a packed row's {max_length}; tokenize with "
                         f"max_length={max_length} (tokenize_dataset cuts longer examples) or pack into longer rows")
     flatten, examples = DataCollatorWithFlattening(return_tensors="np"), ds.select_columns(["input_ids", "labels"]).to_list()
-    rows = [flatten([examples[i] for i in row]) for row in fill_rows(lengths, max_length)]
+    rows = [flatten([examples[i] for i in row]) for row in fill_rows(lengths, max_length, seed)]
     return datasets.Dataset.from_dict({k: [row[k][0].tolist() for row in rows] for k in ("input_ids", "labels", "position_ids")})
 
 # %% ../nbs/08_data.ipynb #5b443c98

@@ -148,7 +148,7 @@ def prepare_task(c:FinetuneConfig, tokenizer) -> Task:
                 for split, t in tokenized.items()}
     train_rows, tc = tokenized["train"], c.train
     if c.packing:  # rows of max_length, one row each where a padded batch has one example
-        train_rows = pack(train_rows, c.max_length)
+        train_rows = pack(train_rows, c.max_length, c.train.seed)
         if c.tokens_per_batch: tc = replace(tc, batch_size=c.tokens_per_batch // c.max_length)
     train_rows = train_rows.to_list()
     if c.epochs: tc = replace(tc, max_steps=max(1, math.ceil(c.epochs * len(train_rows) / (tc.batch_size * tc.grad_accum))))
