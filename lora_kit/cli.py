@@ -156,8 +156,13 @@ def _merge(args):
     print(f"merged model written to {merge_adapter(args.adapter, args.output, model=args.model)}")
 
 def _export(args):
-    from lora_kit.export import describe_export, export_gguf
-    print(describe_export(export_gguf(args.adapter, args.output, args.dtype, model=args.model)))
+    "The merged model, the adapter alone (`--adapter-only`), or with no adapter the base alone, as GGUF."
+    from lora_kit.export import describe_export, export_adapter_gguf, export_gguf
+    if args.adapter_only:
+        if args.adapter is None: raise ConfigError("--adapter-only writes an adapter's own GGUF: give it with --adapter DIR.")
+        result = export_adapter_gguf(args.adapter, args.output, args.dtype, model=args.model, base_gguf=args.base_gguf)
+    else: result = export_gguf(args.adapter, args.output, args.dtype, model=args.model)
+    print(describe_export(result))
 
 def _generate_arguments(g):
     g.add_argument("--adapter", required=True, action="append", metavar="DIR",
@@ -177,8 +182,11 @@ def _merge_arguments(m):
     m.set_defaults(run=_merge)
 
 def _export_arguments(x):
-    x.add_argument("--adapter", required=True, help="adapter folder (peft format)")
+    x.add_argument("--adapter", help="adapter folder (peft format); without it, --model is written alone (the base for --adapter-only files)")
     x.add_argument("--output", required=True, help="the .gguf file to write; an Ollama Modelfile goes beside it")
+    x.add_argument("--adapter-only", action="store_true", help="write the adapter alone as a llama.cpp LoRA file (f32 or f16), "
+                   "applied to the base's own GGUF (export that with --model M and no --adapter)")
+    x.add_argument("--base-gguf", default="base.gguf", help="with --adapter-only: the base's GGUF for the Modelfile, as a path from the output's folder")
     x.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"], help="f32 exact, f16 half the size, q8_0 about a quarter")
     x.add_argument("--model", help="base model (default: the adapter's base)")
     x.set_defaults(run=_export)
@@ -214,7 +222,7 @@ SUBCOMMANDS = {  # name: (what it does, the function that adds its arguments and
     "estimate": ("parameters, FLOPs and memory of a training step (closed form, no memory used)", _estimate_arguments),
     "generate": ("generate with one adapter, or several on one base side by side (their configs name the base)", _generate_arguments),
     "merge": ("merge an adapter into its base: a plain Hugging Face checkpoint", _merge_arguments),
-    "export": ("merge an adapter and write a GGUF file for llama.cpp and Ollama (needs lora_kit[export])", _export_arguments),
+    "export": ("write a GGUF file for llama.cpp and Ollama: an adapter merged, the adapter alone, or the base (needs lora_kit[export])", _export_arguments),
     "bench": ("benchmark full fine-tuning, peft LoRA and lora_kit LoRA side by side", _bench_arguments),
     "rank-sweep": ("fine-tune the demo task at several ranks: cost against exact match", _sweep_arguments),
     "finetune": ("fine-tune with LoRA (default: the embedded tiny base on the demo task, CPU)", _finetune_arguments),
