@@ -53,13 +53,13 @@ def as_gguf(model):
     return out
 
 
-def peft_adapter(folder, steps=0, **lora):
+def peft_adapter(folder, steps=0, b_std=0.02, **lora):
     "An adapter made by peft on the tiny base, B random (or trained `steps` AdamW steps on demo examples), saved to `folder`."
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path(), dtype=torch.float32), LoraConfig(**lora))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name: p.normal_(0, 0.02)
+            if "lora_B" in name: p.normal_(0, b_std)
     if steps:
         tokenizer = AutoTokenizer.from_pretrained(base_path())
         texts = ["".join(prompt_and_reference(m, tokenizer)) for m in load_instructions(demo_path("train"))["messages"][:8]]
@@ -181,7 +181,7 @@ def test_llama_cpp_applies_the_adapters_to_one_base_switched_per_call(files, tmp
         pytest.skip("llama-cpp-python is not installed here (a source build; see BENCHMARKS.md, GGUF export)")
     tokenizer = AutoTokenizer.from_pretrained(base_path())
     prompts = [prompt_and_reference(m, tokenizer)[0] for m in load_instructions(demo_path("eval"))["messages"][:8]]
-    second = peft_adapter(tmp_path / "second", r=16, lora_alpha=8, target_modules=PROJECTIONS, use_rslora=True)
+    second = peft_adapter(tmp_path / "second", b_std=0.1, r=16, lora_alpha=8, target_modules=PROJECTIONS, use_rslora=True)
     export_adapter_gguf(second, tmp_path / "second.gguf", "f16")
     llm = llama_cpp.Llama(model_path=str(files / "base-f16.gguf"), n_ctx=256, verbose=False)
     adapters = {name: llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode())
@@ -194,5 +194,24 @@ def test_llama_cpp_applies_the_adapters_to_one_base_switched_per_call(files, tmp
                                       top_k=1)["choices"][0]["text"].strip() for p in prompts]
     references = {"demo": peft_merged(DEMO_ADAPTER), None: AutoModelForCausalLM.from_pretrained(base_path()).eval(),
                   "second": peft_merged(second)}
+    seen = {}
     for name in ["demo", None, "second", "demo"]:  # switched back and forth in one process
-        assert answers(name) == generate(references[name], tokenizer, prompts), name
+        seen[name] = answers(name)
+        assert seen[name] == generate(references[name], tokenizer, prompts), name
+    assert len({tuple(replies) for replies in seen.values()}) == 3  # three different models answered
+
+
+def test_a_pissa_adapter_exports_as_the_plain_lora_it_is_saved_as(files, tmp_path):
+    # PiSSA changes the base while it trains, and the kit saves it as a rank-2r LoRA on the original base (lesson 07):
+    # base file + adapter file must be that adapter merged into the original base, as peft merges it.
+    from lora_kit.inject import add_lora, save_adapter
+    model = add_lora(AutoModelForCausalLM.from_pretrained(base_path(), dtype=torch.float32), ["q_proj", "v_proj"], r=4, alpha=8,
+                     init_lora_weights="pissa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name: p.add_(torch.randn_like(p) * 0.01)  # as if trained: the adapter moved off its init
+    adapter = save_adapter(model, tmp_path / "pissa", base_model_name_or_path="tiny")
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+    export_adapter_gguf(adapter, tmp_path / "pissa.gguf", "f32")
+    rebuilt, reference = applied(files / "base-f32.gguf", tmp_path / "pissa.gguf"), as_gguf(peft_merged(adapter))
+    for name in reference: torch.testing.assert_close(rebuilt[name], reference[name], rtol=0, atol=1e-5)
