@@ -14,7 +14,7 @@ __all__ = ['GGUF_NAMES', 'FILE_TYPES', 'TOKEN_TYPES', 'BYTE_TOKEN', 'TEMPLATE_NA
            'write_adapter_gguf', 'export_adapter_gguf']
 
 # %% ../nbs/14_export.ipynb #712ac925
-import json, math, os, re, tempfile, time
+import json, math, re, tempfile, time
 from collections import Counter
 from pathlib import Path
 import torch
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .core import ConfigError, MissingExtraError, atomic_write
 from .inject import CONFIG_NAME, read_adapter_config, read_adapter_weights, remove_lora
-from .data import LLAMA2_CHAT_TEMPLATE, ensure_pad_token, get_template
+from .data import LLAMA2_CHAT_TEMPLATE, get_template
 from .qlora import load_base, open_adapter, resolve_model
 
 # %% ../nbs/14_export.ipynb #0c9b3480
