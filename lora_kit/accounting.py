@@ -7,13 +7,13 @@ Docs: https://lora-kit.github.io/lora_kit/accounting.html.md"""
 # %% auto #0
 __all__ = ['MODEL_PRESETS', 'LLAMA_LINEARS', 'METHODS', 'PRECISIONS', 'ATTENTION', 'OPTIMIZERS', 'QUANTS', 'TARGETS',
            'LINEAR_INPUT', 'QUANT_BLOCK', 'DTYPE_BYTES', 'ADAPTER_BYTES', 'ADAM8_BLOCK', 'ADAM8_MIN_SIZE', 'ADAM8_CODE',
-           'GPUS', 'GPU_RESERVE', 'MEMORY_KINDS', 'GIB', 'ModelShape', 'load_config', 'head_dim', 'block_linears',
-           'resolve_targets', 'Setup', 'adapter_params', 'base_params', 'param_counts', 'inplace_addmm_flops',
-           'counted_flops', 'counted_step_flops', 'grad_flow', 'block_flops', 'train_flops', 'dequant_flops',
-           'inference_flops', 'precision_bytes', 'quantized_bytes', 'weight_bytes', 'gradient_bytes',
+           'GPUS', 'GPU_RESERVE', 'SHARDED_GPUS', 'MEMORY_KINDS', 'GIB', 'ModelShape', 'load_config', 'head_dim',
+           'block_linears', 'resolve_targets', 'Setup', 'adapter_params', 'base_params', 'param_counts',
+           'inplace_addmm_flops', 'counted_flops', 'counted_step_flops', 'grad_flow', 'block_flops', 'train_flops',
+           'dequant_flops', 'inference_flops', 'precision_bytes', 'quantized_bytes', 'weight_bytes', 'gradient_bytes',
            'trainable_tensors', 'adam8bit_bytes', 'optimizer_bytes', 'block_saved_bytes', 'loss_saved_bytes',
-           'saved_bytes', 'memory_bytes', 'dora_extras', 'fits', 'with_dora', 'estimate', 'estimate_methods',
-           'fit_table', 'plot_memory', 'dashboard_data']
+           'saved_bytes', 'gathered_bytes', 'memory_bytes', 'dora_extras', 'fits', 'with_dora', 'estimate',
+           'estimate_methods', 'fit_table', 'fsdp_table', 'plot_memory', 'dashboard_data']
 
 # %% ../nbs/04_accounting.ipynb #1fd5019f
 import json, math
@@ -109,6 +109,8 @@ class Setup:
     lorafa:bool = setting(False, SWITCH, "LoRA-FA (lesson 07): A frozen, so only B trains and each adapter keeps x·Aᵀ, not x")
     quant:str = setting("nf4", one_of(*QUANTS), "QLoRA's base: 4-bit NF4, or int8")
     double_quant:bool = setting(True, SWITCH, "QLoRA's block scales quantized again")
+    gpus:int = setting(1, integer_at_least(1), "GPUs training together (data parallel, or sharded with fsdp); batch_size is per GPU")
+    fsdp:bool = setting(False, SWITCH, "FSDP2 (lesson 10): weights, gradients and optimizer state sharded over the GPUs; memory per GPU")
 
     def __post_init__(self):
         check_fields(self)
@@ -341,12 +343,22 @@ def saved_bytes(config:ModelShape, setup:Setup) -> int:
     return blocks + rope * (not setup.grad_checkpointing) + embed + final_norm + loss_saved_bytes(config, setup)
 
 # %% ../nbs/04_accounting.ipynb #5f79e2c7
+def gathered_bytes(config:ModelShape, setup:Setup) -> int:
+    """What FSDP holds whole on a GPU beside its shards: the root unit (embeddings, final norm, head), gathered for the
+    whole step; two decoder blocks (the one computing, the next prefetched); for full fine-tuning one block's gradients too, before their reduce-scatter."""
+    p, L, d, V = precision_bytes(setup.precision)[0], config.num_hidden_layers, config.hidden_size, config.vocab_size
+    root = p * (V * d * (2 - config.tie_word_embeddings) + d)
+    block = (weight_bytes(config, setup) - root) / L
+    return round(root + 2 * block + setup.full * gradient_bytes(config, setup) / L)
+
 def memory_bytes(config:ModelShape, setup:Setup) -> dict:
-    "Bytes of one training step by kind: weights, gradients, optimizer, activations, logits and total."
+    """Bytes of one training step by kind: weights, gradients, optimizer, activations, logits and total; per GPU, and
+    with `setup.fsdp` the first three are each GPU's shard, with what FSDP gathers whole (`gathered`) on top."""
     logits = loss_saved_bytes(config, setup)
     recompute = block_saved_bytes(config, setup, True) if setup.grad_checkpointing else 0
-    mem = dict(weights=weight_bytes(config, setup), gradients=gradient_bytes(config, setup),
-               optimizer=optimizer_bytes(config, setup),
+    shard = (lambda n: math.ceil(n / setup.gpus)) if setup.fsdp else (lambda n: n)
+    mem = dict(weights=shard(weight_bytes(config, setup)), **(dict(gathered=gathered_bytes(config, setup)) if setup.fsdp else {}),
+               gradients=shard(gradient_bytes(config, setup)), optimizer=shard(optimizer_bytes(config, setup)),
                activations=saved_bytes(config, setup) - logits + recompute, logits=logits)
     return mem | dict(total=sum(mem.values()))
 
@@ -387,6 +399,8 @@ def estimate(model:str|Path|ModelShape="llama-2-7b", # a name in `MODEL_PRESETS`
     if setup.use_dora: params, flops, mem = with_dora(params, flops, mem, dora_extras(config, setup))
     shown = ("method", "rank", "seq_len", "batch_size", "grad_checkpointing", "precision", "attn", "optimizer", "use_dora",
              "lorafa")
+    if setup.gpus > 1: flops = {k: v * setup.gpus for k, v in flops.items()}  # the global step: every GPU's batch
+    shown += ("gpus", "fsdp") if setup.gpus > 1 or setup.fsdp else ()
     return dict(model=str(model) if isinstance(model, (str, Path)) else "custom", targets=list(setup.targets),
                 **{k: getattr(setup, k) for k in shown},
                 params_total=params["total"], params_trainable=params["trainable"],
@@ -406,6 +420,20 @@ def fit_table(models=tuple(LLAMA2_SHAPES), methods=METHODS, setup:Setup=Setup())
     return [dict(model=model, method=method, **{k: round(v / 2**30, 2) for k, v in est["memory_bytes"].items()},
                  **{gpu: "fits" if ok else "—" for gpu, ok in est["fits"].items()})
             for model in models for method, est in estimate_methods(model, setup, methods).items()]
+
+# %% ../nbs/04_accounting.ipynb #56dd5653
+SHARDED_GPUS = {"24GB": 23.65, "40GB": 39.39, "80GB": 79.15}  # GiB PyTorch can use: RTX 3090/4090 or A10, A100 40GB, A100/H100 80GB
+
+def fsdp_table(models=tuple(LLAMA2_SHAPES), methods=("lora", "qlora"), gpu_counts=(1, 2, 4, 8), setup:Setup=Setup()) -> list[dict]:
+    "One row per model × method × number of GPUs, sharded with FSDP: GiB per GPU and whether it fits each of `SHARDED_GPUS`."
+    rows = []
+    for model in models:
+        for method in methods:
+            for n in gpu_counts:
+                total = estimate(model, setup, method=method, gpus=n, fsdp=n > 1)["memory_bytes"]["total"]
+                rows.append(dict(model=model, method=method, gpus=n, gib_per_gpu=round(total / 2**30, 1),
+                                 **{size: "fits" if total + GPU_RESERVE <= gib * 2**30 else "—" for size, gib in SHARDED_GPUS.items()}))
+    return rows
 
 # %% ../nbs/04_accounting.ipynb #a8d8654c
 MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "logits")

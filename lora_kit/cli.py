@@ -55,7 +55,9 @@ def format_estimate(est:dict) -> str:
     "A readable table of an `estimate`."
     setup = (f"{est['model']}, {est['method']}" + (" (DoRA)" if est.get("use_dora") else "") + (f" r={est['rank']} on {','.join(est['targets'])}" if est["method"] != "full" else "")
              + f", {est['precision']}, batch {est['batch_size']} x {est['seq_len']} tokens"
-             + (", gradient checkpointing" if est["grad_checkpointing"] else "") + f", {est['optimizer']}")
+             + (", gradient checkpointing" if est["grad_checkpointing"] else "") + f", {est['optimizer']}"
+             + (f"; {est['gpus']} GPUs" + (", sharded (FSDP): memory per GPU" if est["fsdp"] else ", data parallel: memory per GPU")
+                if "gpus" in est else ""))
     rows = [("parameters", f"{est['params_total']:,}"),
             ("trainable", f"{est['params_trainable']:,} ({est['trainable_percent']:.3f}%)"),
             ("FLOPs per step", f"{est['flops_per_step']:.3e}"),
@@ -87,7 +89,8 @@ def finetune_config(args):
 
 def _finetune(args):
     from lora_kit.finetune import finetune, summary
-    print(summary(finetune(finetune_config(args)), args.output))
+    metrics = finetune(finetune_config(args))
+    if int(os.environ.get("RANK", "0")) == 0: print(summary(metrics, args.output))  # under torchrun: once, by the process that wrote
 
 # %% ../nbs/18_cli.ipynb #5e0c1a7d
 ADAPTER_NAMING = ("Each adapter is named after its folder (in peft's multi-adapter layout: after its subfolder), dots "

@@ -7,10 +7,12 @@ Docs: https://lora-kit.github.io/lora_kit/finetune.html.md"""
 # %% auto #0
 __all__ = ['DEMO_TARGETS', 'DEMO_RANK', 'DEMO_ALPHA', 'DEMO_CONFIG', 'TARGET_NAMES', 'INIT', 'RUN_FILES', 'target_names',
            'known_init', 'FinetuneConfig', 'flops_per_step', 'split_data', 'Task', 'prepare_task', 'prepare_output',
-           'finetune', 'save_loftq_base', 'summary', 'build_demo_adapter', 'merge_adapter']
+           'launched_processes', 'job_output', 'finetune', 'save_loftq_base', 'summary', 'build_demo_adapter',
+           'merge_adapter']
 
 # %% ../nbs/12_finetune.ipynb #d9ceef8c
 import json, math, os, shutil, tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -22,7 +24,8 @@ from .inject import ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_target
 from .accounting import Setup, estimate_methods
 from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, pack, tokenize_dataset
 from .tiny import exact_match
-from .train import COUNT, CHECKPOINTS, POSITIVE, NonFiniteLossError, TrainConfig, checkpoints, evaluate_loss, keeping_checkpoints, plot_history, train
+from .train import (COUNT, CHECKPOINTS, POSITIVE, NonFiniteLossError, TrainConfig, _precision, checkpoints, evaluate_loss, fsdp_dtype,
+                    gathered, keeping_checkpoints, plot_history, train)
 from .variants import pissa_niter
 from .qlora import DEMO_ADAPTER, base_state_dict, load_base, open_adapter, resolve_model  # lesson 11
 
@@ -108,7 +111,7 @@ class FinetuneConfig:
 # %% ../nbs/12_finetune.ipynb #579e2cdc
 def flops_per_step(model:str, method:str, rank:int, targets, rows:list[dict], config:TrainConfig, use_dora:bool=False,
                    lorafa:bool=False) -> dict|None:
-    "Training FLOPs per step of `method` and of full fine-tuning for this data's mean length (None if not a LLaMA)."
+    "Training FLOPs per step of `config`'s batch, of `method` and of full fine-tuning, for this data's mean length (None if not a LLaMA)."
     try:
         seq_len = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
         setup = Setup(method, rank, targets, seq_len=seq_len, batch_size=config.batch_size * config.grad_accum, use_dora=use_dora,
@@ -172,13 +175,42 @@ def prepare_output(config:FinetuneConfig) -> Path:
     return output
 
 # %% ../nbs/12_finetune.ipynb #7dd7f116
+def launched_processes() -> int:
+    "How many processes torchrun (or `accelerate launch`) started for this job; 1 when run alone."
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+@contextmanager
+def job_output(c:FinetuneConfig):
+    """Hold `c.output` for the whole job and prepare it (`prepare_output`); yields whether this process writes the results.
+    Under torchrun the main process takes the lock and clears the folder, and tells the others whether it could: each
+    raises its one-line error, or all go on. The lock is let go when every process is done."""
+    if launched_processes() == 1:
+        with output_lock(c.output):  # one run per output folder: a second one is refused at once
+            prepare_output(c)
+            yield True
+        return
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    job = PartialState(cpu=not torch.cuda.is_available())  # joins torchrun's process group
+    with ExitStack() as held:
+        refused = [None]
+        if job.is_main_process:
+            try: held.enter_context(output_lock(c.output)); prepare_output(c)
+            except LoraKitError as e: refused = [e]
+        broadcast_object_list(refused, from_process=0)
+        if refused[0] is not None: raise refused[0]
+        yield job.is_main_process
+        job.wait_for_everyone()  # not on an error: torchrun stops the other processes then
+
 def finetune(config:FinetuneConfig|None=None, # every setting; default: the demo (tiny base, translation task)
              **changes, # fields of `FinetuneConfig` to change, e.g. `output="run1", rank=8`
             ) -> dict:
-    "Fine-tune a base with LoRA as `config` says; writes the adapter, `metrics.json` and `loss.png` to `config.output`."
+    """Fine-tune a base with LoRA as `config` says; writes the adapter, `metrics.json` and `loss.png` to `config.output`.
+    Under `torchrun --nproc-per-node N` each process trains its share of the global batch (data parallel, or sharded with
+    `config.train.fsdp`) and the main one writes."""
     c = replace(config or FinetuneConfig(), **changes)
-    with output_lock(c.output):  # one run per output folder: a second one is refused at once
-        return _finetune(c, prepare_output(c))
+    with job_output(c) as writes:
+        return _finetune(c, Path(c.output), writes)
 
 def save_loftq_base(model, tokenizer, output:Path) -> str:
     "Write the base LoftQ made (Q_T, lesson 11) to `output/base`, whole, with the tokenizer; its path is what the adapters name."
@@ -188,9 +220,10 @@ def save_loftq_base(model, tokenizer, output:Path) -> str:
         tokenizer.save_pretrained(tmp)
     return str(folder.resolve())
 
-def _finetune(c:FinetuneConfig, output:Path) -> dict:
+def _finetune(c:FinetuneConfig, output:Path, writes:bool=True) -> dict:
     base_name = resolve_model(c.model)
-    base, tokenizer = load_base(c.model, four_bit=c.four_bit)
+    storage = {"quant_storage": fsdp_dtype(_precision(c.train))} if c.four_bit and c.train.fsdp else {}  # what FSDP gathers in
+    base, tokenizer = load_base(c.model, four_bit=c.four_bit, **storage)
     for name in find_targets(base, c.targets):  # a wrong target or rank fails now, not after the baseline evaluation
         check_lora_args(c.rank, c.alpha, c.dropout, base.get_submodule(name).in_features, base.get_submodule(name).out_features)
     task = prepare_task(c, tokenizer)
@@ -199,22 +232,26 @@ def _finetune(c:FinetuneConfig, output:Path) -> dict:
     torch.manual_seed(tc.seed)  # the adapters' initial A: the same run gives the same adapter
     add_lora(base, c.targets, r=c.rank, alpha=c.alpha, dropout=c.dropout, use_rslora=c.use_rslora, use_dora=c.use_dora,
              lorafa=c.lorafa, init_lora_weights=c.init_lora_weights, loftq_bits=c.loftq_bits, loftq_iter=c.loftq_iter)
-    if c.init_lora_weights == "loftq": base_name = save_loftq_base(base, tokenizer, output)  # what the adapters are trained on
+    if c.init_lora_weights == "loftq":  # what the adapters are trained on
+        base_name = save_loftq_base(base, tokenizer, output) if writes else str((output / "base").resolve())
     try: result = train(base, task.train_rows, eval_rows, tc, output_dir=output, resume_from=output if c.resume else None, resume_fallback=c.resume_fallback,
                         collate_fn=task.collate_fn)
     except NonFiniteLossError as e:
-        save_adapter(base, output, base_model_name_or_path=base_name)
+        with gathered(base):  # sharded: every process gathers the adapters, the main one writes
+            if writes: save_adapter(base, output, base_model_name_or_path=base_name)
         raise NonFiniteLossError(f"{e} The last good adapter is saved in {output}.") from None
-    after_acc, samples = exact_match(base.eval(), tokenizer, eval_conv, c.template)
-    with keeping_checkpoints(output):  # a refused write: one line naming the file and the last good checkpoint
-        save_adapter(base, output, base_model_name_or_path=base_name)
-        with atomic_files(output) as tmp: tokenizer.save_pretrained(tmp)  # save_pretrained writes in place: whole files only
-        plot_history(result["history"], output / "loss.png")
-        metrics = dict(base_model=c.model, eval_loss_before=before_loss, eval_loss_after=result.pop("eval_loss"),
-                       eval_accuracy_before=before_acc, eval_accuracy_after=after_acc,
-                       flops_per_step=flops_per_step(c.model, "qlora" if c.four_bit else "lora", c.rank, c.targets, task.train_rows, tc, c.use_dora, c.lorafa),
-                       **result, examples=task.examples, samples=samples)
-        atomic_write(output / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    after_acc, samples = exact_match(base.eval(), tokenizer, eval_conv, c.template)  # sharded: all processes, in step
+    metrics = dict(base_model=c.model, eval_loss_before=before_loss, eval_loss_after=result.pop("eval_loss"),
+                   eval_accuracy_before=before_acc, eval_accuracy_after=after_acc,
+                   flops_per_step=flops_per_step(c.model, "qlora" if c.four_bit else "lora", c.rank, c.targets, task.train_rows,
+                                                 replace(tc, batch_size=tc.batch_size * result["world_size"]), c.use_dora, c.lorafa),  # the global batch
+                   **result, examples=task.examples, samples=samples)
+    with keeping_checkpoints(output), gathered(base):  # a refused write: one line naming the file and the last good checkpoint
+        if writes:
+            save_adapter(base, output, base_model_name_or_path=base_name)
+            with atomic_files(output) as tmp: tokenizer.save_pretrained(tmp)  # save_pretrained writes in place: whole files only
+            plot_history(result["history"], output / "loss.png")
+            atomic_write(output / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics
 
 # %% ../nbs/12_finetune.ipynb #072aef2c

@@ -48,9 +48,11 @@ def frozen_base(base:nn.Module) -> nn.Module:
 def dense_weight(base:nn.Module) -> torch.Tensor:
     """The (out, in) weight `base` computes with: an `nn.Linear`'s own, or a bitsandbytes 4-bit layer's (lesson 11)
     dequantized now, for one use and not to keep."""
-    if not hasattr(base.weight, "quant_state"): return base.weight
+    state = getattr(base.weight, "quant_state", None)
+    if state is None: state = getattr(base, "quant_state", None)  # a weight FSDP gathered (lesson 10) comes without it; the layer keeps it
+    if state is None: return base.weight
     from bitsandbytes.functional import dequantize_4bit
-    return dequantize_4bit(*standard_4bit_layout(base.weight.data, base.weight.quant_state))
+    return dequantize_4bit(*standard_4bit_layout(base.weight.data, state))
 
 # %% ../nbs/02_layers.ipynb #36874d54
 def resolve(ref):

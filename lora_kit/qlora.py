@@ -175,21 +175,24 @@ def default_compute_dtype(capability:tuple[int, int]|None=None, # CUDA compute c
     "The dtype of lesson 00's `auto_precision`: bf16 from compute capability 8.0 (Ampere) on, fp16 below (a T4), fp32 on a CPU."
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(auto_precision(capability), torch.float32)
 
-def nf4_config(compute_dtype:torch.dtype|None=None, double_quant:bool=True) -> BitsAndBytesConfig:
+def nf4_config(compute_dtype:torch.dtype|None=None, double_quant:bool=True,
+               quant_storage:torch.dtype=torch.uint8, # the dtype holding the packed codes: FSDP (lesson 10) needs the one it gathers in
+              ) -> BitsAndBytesConfig:
     "The QLoRA paper's `BitsAndBytesConfig`: NF4 codes, double-quantized scales, matmuls in `compute_dtype`."
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype or default_compute_dtype())
+                              bnb_4bit_compute_dtype=compute_dtype or default_compute_dtype(), bnb_4bit_quant_storage=quant_storage)
 
 # %% ../nbs/11_qlora.ipynb #95bc8fef
 def load_4bit(name_or_path:str, # a Hub id (in Colab) or a local checkpoint folder
               compute_dtype:torch.dtype|None=None, # default: `default_compute_dtype()`
+              quant_storage:torch.dtype=torch.uint8, # the packed codes' dtype (`nf4_config`)
               **kwargs, # passed to `AutoModelForCausalLM.from_pretrained`
              ) -> nn.Module:
     "Load a causal LM with NF4-quantized linear layers (QLoRA's base); the other weights in `compute_dtype`."
     require_bitsandbytes()
     dtype = compute_dtype or default_compute_dtype()
     device_map = {"": 0} if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=nf4_config(dtype), dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=nf4_config(dtype, quant_storage=quant_storage), dtype=dtype,
                                                  device_map=device_map, **kwargs)
     return keep_trainable_layout(model)
 
@@ -227,12 +230,13 @@ def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
               four_bit:bool=False, # NF4 base for QLoRA (needs bitsandbytes)
               dtype:torch.dtype|None=None, # weights' dtype; default `default_compute_dtype()`: fp32 on CPU, bf16/fp16 on GPU
               trust_remote_code:bool=False, # run Python code shipped with the model (only for sources you trust)
+              quant_storage:torch.dtype=torch.uint8, # with `four_bit`: the packed codes' dtype (`nf4_config`; FSDP's gather dtype)
              ):
     "Load `(model, tokenizer)` for training or inference; a clear `ConfigError` when it cannot be loaded."
     name, remote = resolve_model(model), dict(trust_remote_code=trust_remote_code)
     try:
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(name, **remote))
-        if four_bit: return load_4bit(name, compute_dtype=dtype, **remote), tokenizer
+        if four_bit: return load_4bit(name, compute_dtype=dtype, quant_storage=quant_storage, **remote), tokenizer
         base = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or default_compute_dtype(), **remote)
     except LoraKitError: raise  # already says what to fix (e.g. the pip install that adds bitsandbytes)
     except (OSError, ValueError) as e:

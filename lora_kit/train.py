@@ -6,11 +6,12 @@ Docs: https://lora-kit.github.io/lora_kit/train.html.md"""
 
 # %% auto #0
 __all__ = ['COUNT', 'WHOLE', 'POSITIVE', 'CHECKPOINTS', 'RUN_SETTINGS', 'language_model', 'loss_sum', 'step_indices',
-           'TrainConfig', 'optimizer_groups', 'lr_scheduler', 'adapter_settings', 'base_name', 'save_checkpoint',
-           'checkpoints', 'latest_checkpoint', 'CheckpointMismatchError', 'checkpoint_differences', 'mismatch_error',
-           'load_checkpoint', 'resume', 'keeping_checkpoints', 'peak_memory_bytes', 'evaluate_loss',
-           'NonFiniteLossError', 'check_finite', 'enable_gradient_checkpointing', 'prepare_layers', 'make_optimizer',
-           'step_batches', 'train_step', 'train', 'plot_history']
+           'TrainConfig', 'optimizer_groups', 'lr_scheduler', 'adapter_settings', 'base_name', 'optimizer_state_dict',
+           'load_optimizer_state', 'save_checkpoint', 'checkpoints', 'latest_checkpoint', 'CheckpointMismatchError',
+           'checkpoint_differences', 'mismatch_error', 'load_checkpoint', 'resume', 'keeping_checkpoints',
+           'peak_memory_bytes', 'evaluate_loss', 'NonFiniteLossError', 'check_finite', 'enable_gradient_checkpointing',
+           'fsdp_dtype', 'check_shardable', 'decoder_layers', 'shard_model', 'is_sharded', 'local_parameter_bytes',
+           'gathered', 'prepare_layers', 'make_optimizer', 'step_batches', 'train_step', 'train', 'plot_history']
 
 # %% ../nbs/10_train.ipynb #a13b4ca6
 import json, math, resource, time, warnings
@@ -19,7 +20,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel, set_seed
 from tqdm.auto import tqdm
@@ -43,13 +47,13 @@ def loss_sum(model:nn.Module, # a `...ForCausalLM` (LLaMA family), maybe in `Dis
             ) -> tuple[torch.Tensor, torch.Tensor]:
     "Summed next-token cross-entropy over target tokens (labels ≠ −100), and their count; never the full logits."
     lm = language_model(model)
-    weight = plain_head_weight(lm, "leave lm_head out of the adapter's target_modules.")
     caught = {}
     hook = lm.base_model.register_forward_hook(lambda module, inputs, out: caught.update(hidden=out.last_hidden_state))
     no_positions = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     try: model(**inputs, use_cache=False, logits_to_keep=no_positions)  # no cache: transformers then reads packed positions
     finally: hook.remove()
+    weight = plain_head_weight(lm, "leave lm_head out of the adapter's target_modules.")  # after the forward: sharded (FSDP), it is whole only now
     loss = chunked_cross_entropy(caught["hidden"], weight, next_token_targets(batch["labels"]), chunk_size, reduction="sum")
     return loss, count_targets(batch["labels"])
 
@@ -88,6 +92,8 @@ class TrainConfig:
     eval_every:int = setting(0, WHOLE, "evaluate every N steps (0: only at the end)")
     save_every:int = setting(0, WHOLE, "checkpoint every N steps (0: never)")
     seed:int = setting(0, WHOLE, "seeds the shuffles, dropout and anything else random in training")
+    fsdp:bool = setting(False, SWITCH, "shard the base and the adapters over the processes with FSDP2 (launch with torchrun "
+                        "--nproc-per-node N): each holds 1/N of the weights; --batch-size stays per process")
 
     def __post_init__(self): check_fields(self)
 
@@ -125,22 +131,35 @@ def base_name(model, base_model_name_or_path:str|None=None) -> str|None:
     "The base's name or path: the one given, else the model's own `name_or_path` (None for a model built from a config)."
     return base_model_name_or_path or getattr(language_model(model), "name_or_path", None) or None
 
+def _torch_optimizer(optimizer): return getattr(optimizer, "optimizer", optimizer)  # out of accelerate's wrapper
+
+def optimizer_state_dict(model, optimizer) -> dict:
+    "The optimizer's state to save: as it is, or for a sharded model whole and under parameter names (every process calls it)."
+    if not is_sharded(model): return optimizer.state_dict()
+    return get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=StateDictOptions(full_state_dict=True))
+
+def load_optimizer_state(model, optimizer, state:dict):
+    "Restore what `optimizer_state_dict` saved (sharded again for a sharded model)."
+    if not is_sharded(model): return optimizer.load_state_dict(state)
+    set_optimizer_state_dict(model, _torch_optimizer(optimizer), state, options=StateDictOptions(full_state_dict=True))
+
 def save_checkpoint(output_dir:Path, step:int, model, optimizer, scheduler, accelerator:Accelerator,
                     base_model_name_or_path:str|None=None, # recorded for a resume to check; default: the model's own
                     packed:bool=False, # trained on packed rows (lesson 08's `pack`): recorded, as a step sees other rows then
                    ) -> Path:
     "Write checkpoint `step` under `output_dir/checkpoints`, whole or not at all; one already there is replaced."
     final = Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
-    main = accelerator.is_main_process
-    with atomic_folder(final) if main else nullcontext(partial_folder(final)) as folder:
+    main, unwrapped = accelerator.is_main_process, accelerator.unwrap_model(model)
+    sharded = is_sharded(unwrapped)
+    optimizer_state = optimizer_state_dict(unwrapped, optimizer)  # a collective when sharded: every process asks
+    with atomic_folder(final) if main else nullcontext(partial_folder(final)) as folder, gathered(unwrapped):
         if main:
-            unwrapped = accelerator.unwrap_model(model)
             base = base_name(unwrapped, base_model_name_or_path)
             save_adapter(unwrapped, folder, base_model_name_or_path=base)
-            torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=step),
-                       folder / "trainer_state.pt")
+            torch.save(dict(optimizer=optimizer_state, scheduler=scheduler.state_dict(), step=step), folder / "trainer_state.pt")
             (folder / RUN_SETTINGS).write_text(json.dumps(dict(adapter=adapter_settings(unwrapped), base_model_name_or_path=base,
-                                                               world_size=accelerator.num_processes, packed=packed), indent=2) + "\n")
+                                                               world_size=accelerator.num_processes, packed=packed, sharded=sharded),
+                                                          indent=2) + "\n")
         accelerator.wait_for_everyone()  # the partial folder exists
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         torch.save(rng, folder / f"rng_state_{accelerator.process_index}.pt")
@@ -184,6 +203,7 @@ def checkpoint_differences(path:str|Path, # a checkpoint folder
                            world_size:int=1, # this run's number of processes
                            base_model_name_or_path:str|None=None, # this run's base; default: the model's `name_or_path`
                            packed:bool=False, # this run trains on packed rows
+                           sharded:bool=False, # this run shards the model (FSDP)
                           ) -> list[tuple[str, str, str]]:
     "`(the checkpoint's setting, this run's, how to resume it)` for each that differs; a record that cannot be read raises."
     path = Path(path)
@@ -210,6 +230,8 @@ def checkpoint_differences(path:str|Path, # a checkpoint folder
         found.append((f"base model {shown}", f"base model {_shown('base_model_name_or_path', ours)}", f"with --model {shown}"))
     if (path / RUN_SETTINGS).exists() and (theirs := record.get("packed", False)) != packed:  # a step would see other rows
         found.append((f"packing {'on' if theirs else 'off'}", f"packing {'on' if packed else 'off'}", f"{'with' if theirs else 'without'} --packing"))
+    if (path / RUN_SETTINGS).exists() and (theirs := record.get("sharded", False)) != sharded:  # the optimizer state's layout
+        found.append((f"FSDP {'on' if theirs else 'off'}", f"FSDP {'on' if sharded else 'off'}", f"{'with' if theirs else 'without'} --fsdp"))
     if (saved := len(list(path.glob("rng_state_*.pt")))) and saved != world_size:
         found.append((_processes(saved), _processes(world_size),
                       f"under torchrun with {saved} processes" if saved > 1 else "as one process, without torchrun"))
@@ -230,15 +252,17 @@ def load_checkpoint(path:Path, model, optimizer, scheduler, accelerator:Accelera
     "Restore adapter, optimizer, scheduler and this process's RNG from checkpoint `path`; returns its step."
     unwrapped = accelerator.unwrap_model(model)
     try:
-        differences = checkpoint_differences(path, unwrapped, accelerator.num_processes, base_model_name_or_path, packed)
+        differences = checkpoint_differences(path, unwrapped, accelerator.num_processes, base_model_name_or_path, packed,
+                                             is_sharded(unwrapped))
         if not differences:
             state = torch.load(path / "trainer_state.pt", weights_only=True)
             rng = torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
-            for name, folder in adapter_folders(path).items(): load_adapter_weights(unwrapped, folder, name)  # each adapter
+            with gathered(unwrapped, write_back=True):
+                for name, folder in adapter_folders(path).items(): load_adapter_weights(unwrapped, folder, name)  # each adapter
     except Exception as e:  # truncated, tampered (pickled code is refused by weights_only) or missing files
         raise LoraKitError(f"Checkpoint {path} cannot be resumed from ({e}); delete it, or resume with fallback to use an earlier one (resume_fallback=True; lora-kit finetune --resume --resume-fallback).") from None
     if differences: raise mismatch_error(path, differences)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(unwrapped, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"]: torch.cuda.set_rng_state_all(rng["cuda"])
@@ -324,6 +348,86 @@ def enable_gradient_checkpointing(model:nn.Module, # a 🤗 transformers model
     model.enable_input_require_grads()
     return model
 
+# %% ../nbs/10_train.ipynb #7a9de321
+def fsdp_dtype(precision:str, # a resolved precision: "no", "bf16" or "fp16"
+              ) -> torch.dtype:
+    "The dtype FSDP gathers parameters in under `precision`: bf16 or fp16 for those, fp32 for \"no\"."
+    return dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision, torch.float32)
+
+def check_shardable(model:nn.Module, dtype:torch.dtype):
+    "Refuse, in one line, a model that FSDP would gather wrongly in `dtype`: packed 4-bit weights stored otherwise, mixed dtypes, LoRA-FA."
+    for name, module in model.named_modules():
+        if hasattr(module, "quant_state") and module.weight.dtype != dtype:  # a bitsandbytes 4-bit layer: its packed codes
+            raise ConfigError(f"{name} keeps its 4-bit codes as {module.weight.dtype}, but FSDP gathers in {dtype}, which would "
+                              f"convert them into garbage: load the base with bnb_4bit_quant_storage={dtype} (lora_kit's "
+                              "load_base(..., four_bit=True, quant_storage=...) does).", field="fsdp")
+    if dtype == torch.float32 and len(kinds := {p.dtype for p in model.parameters() if p.is_floating_point()}) > 1:
+        raise ConfigError(f"FSDP in fp32 gathers one dtype, but the model holds {', '.join(sorted(map(str, kinds)))}: train with "
+                          "precision 'bf16' (--precision bf16), or load the base in fp32.", field="fsdp")
+    if lorafa_corrections(model):
+        raise ConfigError("LoRA-FA's gradient correction needs each A whole; train LoRA-FA without fsdp (data parallel).", field="fsdp")
+
+def decoder_layers(model:nn.Module) -> list[nn.Module]:
+    "The repeated blocks of a 🤗 transformers model (the classes its `_no_split_modules` names), each one FSDP unit."
+    kinds = set(getattr(language_model(model), "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in kinds]
+
+def shard_model(model:nn.Module, # a model with adapters, on this process's device
+                precision:str="no", # a resolved precision: "no" (fp32), "bf16" or "fp16"
+               ) -> nn.Module:
+    "Shard `model` in place over every process of the job with FSDP2: each decoder layer one unit, the rest the root."
+    if not dist.is_initialized():
+        raise ConfigError("fsdp shards over the processes torchrun starts: launch with torchrun --nproc-per-node N "
+                          "(for one process, drop fsdp).", field="fsdp")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # FSDP2, public from torch 2.6 (lora_kit asks 2.4)
+    dtype = fsdp_dtype(precision)
+    check_shardable(model, dtype)
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model): fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+def is_sharded(model:nn.Module) -> bool:
+    "Whether `shard_model` sharded `model`."
+    try: from torch.distributed.fsdp import FSDPModule
+    except ImportError: return False  # a torch before FSDP2 (2.6) has sharded nothing
+    return isinstance(extract_model_from_parallel(model), FSDPModule)
+
+def local_parameter_bytes(model:nn.Module) -> int:
+    "Bytes of parameters this process holds: its shard of each sharded one, all of any other."
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())  # a DTensor's own piece
+
+# %% ../nbs/10_train.ipynb #4a17bac9
+@contextmanager
+def gathered(model:nn.Module, # a model, sharded by `shard_model` or not
+             write_back:bool=False, # at the end, copy the whole tensors into the shards (after loading weights into them)
+            ):
+    """Inside the block the trainable parameters of a sharded `model` are whole tensors on every process, to save or load
+    adapters with lesson 03's functions; a collective: every process enters it. An unsharded model is left as it is."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    for module in model.modules():
+        if isinstance(module, FSDPModule): module.reshard()  # an eval forward can leave the root's parameters whole
+    swapped = []  # (module, name, its sharded parameter)
+    for module in model.modules():  # the same order on every process: each full_tensor is an all-gather
+        for name, p in list(module._parameters.items()):
+            if isinstance(p, DTensor) and p.requires_grad:
+                module._parameters[name] = nn.Parameter(p.full_tensor().detach())
+                swapped.append((module, name, p))
+    try: yield model
+    except BaseException:
+        for module, name, p in swapped: module._parameters[name] = p
+        raise
+    for module, name, p in swapped:
+        if write_back:  # this process's piece of the whole tensor, cut as FSDP cut it (no communication)
+            with torch.no_grad(): p.to_local().copy_(distribute_tensor(module._parameters[name], p.device_mesh, p.placements,
+                                                                       src_data_rank=None).to_local())
+        module._parameters[name] = p
+
 # %% ../nbs/10_train.ipynb #4141b1d0
 def prepare_layers(model, config:TrainConfig, adapter_name:str|None=None):
     "Make `adapter_name` (if given) the one that trains, put the adapter layers on the path `config` asks for (a warning, once, names why any falls back to the plain one), and turn on checkpointing if asked."
@@ -375,6 +479,8 @@ def _precision(config:TrainConfig) -> str:
     precision = auto_precision() if config.precision == "auto" else config.precision
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision='fp16' needs a GPU; use 'bf16' or 'no' on a CPU.", field="precision")
+    if precision == "fp16" and config.fsdp:  # its loss scaling is not built for sharded gradients here
+        raise ConfigError("fsdp trains in bf16 or fp32, not fp16: use precision 'bf16' (--precision bf16) or 'no'.", field="precision")
     return precision
 
 def train(model, # a model with LoRA adapters (or any model: whatever has requires_grad trains)
@@ -395,8 +501,11 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     accelerator = Accelerator(mixed_precision=_precision(config), cpu=not torch.cuda.is_available())
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
     prepare_layers(model, config, adapter_name)
+    counts = dict(trainable_params=count_params(model, trainable_only=True), total_params=count_params(model))  # 4-bit ones unpacked
+    if config.fsdp: shard_model(model.to(accelerator.device), _precision(config))  # before the optimizer, which holds the shards
     optimizer, scheduler = make_optimizer(model, config)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if config.fsdp: optimizer = accelerator.prepare(optimizer)  # no data-parallel wrapper: FSDP reduces the gradients itself
+    else: model, optimizer = accelerator.prepare(model, optimizer)
     state = (model, optimizer, scheduler, accelerator)  # what a checkpoint holds
     packed = "position_ids" in train_examples[0]  # lesson 08's packed rows: a resume must see them too
     start = 0 if resume_from is None else resume(resume_from, resume_fallback, *state, base_model_name_or_path=base_model_name_or_path,
@@ -421,9 +530,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
             with keeping_checkpoints(output_dir):  # a full disk: the error names the checkpoint before this one
                 save_checkpoint(output_dir, step + 1, *state, base_model_name_or_path, packed)
     return dict(steps=config.max_steps, train_seconds=seconds, tokens_per_second=speed(), padding_share=1 - tokens / max(positions, 1),
-                peak_memory_bytes=peak_memory_bytes(),
-                trainable_params=count_params(model, trainable_only=True), total_params=count_params(model),
-                world_size=accelerator.num_processes, history=history, **(evaluate() if eval_examples else {}))
+                peak_memory_bytes=peak_memory_bytes(), **counts, world_size=accelerator.num_processes, history=history, **(evaluate() if eval_examples else {}))
 
 # %% ../nbs/10_train.ipynb #8343f1c8
 def plot_history(history:list[dict], # `train(...)["history"]`

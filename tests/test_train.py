@@ -27,6 +27,7 @@ BAD_SETTINGS = [  # (field, refused value): every field of TrainConfig at least 
     ("schedule", "constant"), ("schedule", None), ("weight_decay", -0.1), ("weight_decay", math.inf),
     ("max_grad_norm", 0.0), ("max_grad_norm", math.nan), ("precision", "fp32"), ("precision", None),
     ("grad_checkpointing", 1), ("efficient_layers", "yes"), ("eval_every", -1), ("save_every", 0.5), ("seed", -1),
+    ("fsdp", "yes"),
 ]
 
 
