@@ -7,8 +7,8 @@ Docs: https://lora-kit.github.io/lora_kit/finetune.html.md"""
 # %% auto #0
 __all__ = ['DEMO_TARGETS', 'DEMO_RANK', 'DEMO_ALPHA', 'DEMO_CONFIG', 'TARGET_NAMES', 'INIT', 'RUN_FILES', 'target_names',
            'known_init', 'FinetuneConfig', 'flops_per_step', 'split_data', 'Task', 'prepare_task', 'prepare_output',
-           'launched_processes', 'job_output', 'finetune', 'save_loftq_base', 'summary', 'build_demo_adapter',
-           'merge_adapter']
+           'launched_processes', 'job_output', 'finetune', 'save_loftq_base', 'job_base', 'summary',
+           'build_demo_adapter', 'merge_adapter']
 
 # %% ../nbs/12_finetune.ipynb #d9ceef8c
 import json, math, os, shutil, tempfile
@@ -25,7 +25,7 @@ from .accounting import Setup, estimate_methods
 from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, pack, tokenize_dataset
 from .tiny import exact_match
 from .train import (COUNT, CHECKPOINTS, POSITIVE, NonFiniteLossError, TrainConfig, _precision, checkpoints, evaluate_loss, fsdp_dtype,
-                    gathered, keeping_checkpoints, plot_history, train)
+                    gathered, keeping_checkpoints, plot_history, shard_model, train)
 from .variants import pissa_niter
 from .qlora import DEMO_ADAPTER, base_state_dict, load_base, open_adapter, resolve_model  # lesson 11
 
@@ -104,6 +104,10 @@ class FinetuneConfig:
             raise ConfigError(f"tokens_per_batch={self.tokens_per_batch} is below max_length={self.max_length}: a packed row must "
                               "hold the longest example; raise tokens_per_batch (--tokens-per-batch) or lower max_length (--max-length).",
                               field="tokens_per_batch")
+        if self.train.fsdp and (self.lorafa or self.init_lora_weights not in (True, "gaussian")):
+            raise ConfigError("fsdp trains LoRA, rsLoRA, DoRA and LoRA+ adapters; LoRA-FA's correction needs each A whole, and PiSSA "
+                              "and LoftQ rewrite the base that FSDP loads on one process: drop fsdp (--fsdp) or train those without it.",
+                              field="fsdp")
         if self.init_lora_weights != "loftq" and (given := [f for f in ("loftq_bits", "loftq_iter") if getattr(self, f) is not None]):
             raise ConfigError(f"{given[0]} sets LoftQ's quantization: use it with init_lora_weights='loftq' (--init loftq).",
                               field=given[0])
@@ -220,18 +224,29 @@ def save_loftq_base(model, tokenizer, output:Path) -> str:
         tokenizer.save_pretrained(tmp)
     return str(folder.resolve())
 
+def job_base(c:FinetuneConfig) -> tuple:
+    """`(base, tokenizer, from_first)`: the base as this process of the job loads it. Sharded (`fsdp` under torchrun) in 16
+    or 32 bits, only the first process loads the weights and the others build the model on the meta device (`from_first`:
+    lesson 10's `shard_model` then sends each its shards); a 4-bit base every process loads, its codes stored in the dtype FSDP gathers in."""
+    if not (c.train.fsdp and launched_processes() > 1): return (*load_base(c.model, four_bit=c.four_bit), False)
+    if c.four_bit: return (*load_base(c.model, four_bit=True, quant_storage=fsdp_dtype(_precision(c.train))), False)
+    return (*load_base(c.model, meta=int(os.environ.get("RANK", "0")) != 0), True)
+
 def _finetune(c:FinetuneConfig, output:Path, writes:bool=True) -> dict:
     base_name = resolve_model(c.model)
-    storage = {"quant_storage": fsdp_dtype(_precision(c.train))} if c.four_bit and c.train.fsdp else {}  # what FSDP gathers in
-    base, tokenizer = load_base(c.model, four_bit=c.four_bit, **storage)
+    base, tokenizer, from_first = job_base(c)
     for name in find_targets(base, c.targets):  # a wrong target or rank fails now, not after the baseline evaluation
         check_lora_args(c.rank, c.alpha, c.dropout, base.get_submodule(name).in_features, base.get_submodule(name).out_features)
     task = prepare_task(c, tokenizer)
     tc, eval_rows, eval_conv = task.train_config, task.eval_rows, task.eval_conversations
-    before_loss, (before_acc, _) = evaluate_loss(base, eval_rows, task.collate_fn), exact_match(base.eval(), tokenizer, eval_conv, c.template)
+    baseline = lambda: (evaluate_loss(base, eval_rows, task.collate_fn), exact_match(base.eval(), tokenizer, eval_conv, c.template)[0])
+    if not from_first: before_loss, before_acc = baseline()
     torch.manual_seed(tc.seed)  # the adapters' initial A: the same run gives the same adapter
     add_lora(base, c.targets, r=c.rank, alpha=c.alpha, dropout=c.dropout, use_rslora=c.use_rslora, use_dora=c.use_dora,
              lorafa=c.lorafa, init_lora_weights=c.init_lora_weights, loftq_bits=c.loftq_bits, loftq_iter=c.loftq_iter)
+    if from_first:  # the weights reach every process only now; B = 0, so the model is still the base
+        shard_model(base, _precision(tc), from_first=True)
+        before_loss, before_acc = baseline()
     if c.init_lora_weights == "loftq":  # what the adapters are trained on
         base_name = save_loftq_base(base, tokenizer, output) if writes else str((output / "base").resolve())
     try: result = train(base, task.train_rows, eval_rows, tc, output_dir=output, resume_from=output if c.resume else None, resume_fallback=c.resume_fallback,

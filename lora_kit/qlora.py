@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from .core import (ConfigError, LoraKitError, MissingExtraError, MissingFileError, asset_path, atomic_folder,
                            auto_precision, check_value, integer_at_least, one_of)
 from .layers import dense_weight, frozen_base, init_for
@@ -231,12 +231,16 @@ def load_base(model:str="tiny", # `tiny`, a local folder or a Hub id
               dtype:torch.dtype|None=None, # weights' dtype; default `default_compute_dtype()`: fp32 on CPU, bf16/fp16 on GPU
               trust_remote_code:bool=False, # run Python code shipped with the model (only for sources you trust)
               quant_storage:torch.dtype=torch.uint8, # with `four_bit`: the packed codes' dtype (`nf4_config`; FSDP's gather dtype)
+              meta:bool=False, # the architecture on the meta device, no weights: what FSDP's other processes build (lesson 10)
              ):
     "Load `(model, tokenizer)` for training or inference; a clear `ConfigError` when it cannot be loaded."
     name, remote = resolve_model(model), dict(trust_remote_code=trust_remote_code)
     try:
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(name, **remote))
         if four_bit: return load_4bit(name, compute_dtype=dtype, quant_storage=quant_storage, **remote), tokenizer
+        if meta:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name, **remote), dtype=dtype or default_compute_dtype(), **remote), tokenizer
         base = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or default_compute_dtype(), **remote)
     except LoraKitError: raise  # already says what to fix (e.g. the pip install that adds bitsandbytes)
     except (OSError, ValueError) as e:

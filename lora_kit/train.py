@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel, set_seed
@@ -372,10 +373,12 @@ def decoder_layers(model:nn.Module) -> list[nn.Module]:
     kinds = set(getattr(language_model(model), "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in kinds]
 
-def shard_model(model:nn.Module, # a model with adapters, on this process's device
+def shard_model(model:nn.Module, # a model with adapters, on this process's device (or the meta device, with `from_first`)
                 precision:str="no", # a resolved precision: "no" (fp32), "bf16" or "fp16"
+                from_first:bool=False, # only the first process holds the weights; the others built the model on the meta device
                ) -> nn.Module:
-    "Shard `model` in place over every process of the job with FSDP2: each decoder layer one unit, the rest the root."
+    """Shard `model` in place over every process of the job with FSDP2: each decoder layer one unit, the rest the root.
+    With `from_first`, the first process sends each of the others its shards, one tensor at a time, and its buffers."""
     if not dist.is_initialized():
         raise ConfigError("fsdp shards over the processes torchrun starts: launch with torchrun --nproc-per-node N "
                           "(for one process, drop fsdp).", field="fsdp")
@@ -384,8 +387,13 @@ def shard_model(model:nn.Module, # a model with adapters, on this process's devi
     check_shardable(model, dtype)
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    whole = model.state_dict() if from_first and dist.get_rank() == 0 else {}  # the first process's tensors, before they are cut
     for layer in decoder_layers(model): fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if from_first:
+        if dist.get_rank() != 0: model.to_empty(device=mesh.device_type)  # room for the shards and buffers, uninitialised
+        set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers(): dist.broadcast(buffer, src=0)  # not in the state dict: rotary frequencies
     return model
 
 def is_sharded(model:nn.Module) -> bool:
@@ -502,7 +510,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
     prepare_layers(model, config, adapter_name)
     counts = dict(trainable_params=count_params(model, trainable_only=True), total_params=count_params(model))  # 4-bit ones unpacked
-    if config.fsdp: shard_model(model.to(accelerator.device), _precision(config))  # before the optimizer, which holds the shards
+    if config.fsdp and not is_sharded(model): shard_model(model.to(accelerator.device), _precision(config))  # before the optimizer: it holds the shards
     optimizer, scheduler = make_optimizer(model, config)
     if config.fsdp: optimizer = accelerator.prepare(optimizer)  # no data-parallel wrapper: FSDP reduces the gradients itself
     else: model, optimizer = accelerator.prepare(model, optimizer)

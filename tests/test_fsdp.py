@@ -207,3 +207,26 @@ def test_the_estimate_per_gpu_is_what_each_process_holds(tmp_path_factory, four_
     setup = Setup("qlora" if four_bit else "lora", rank=4, targets=("q_proj", "v_proj", "down_proj"), precision="fp32", gpus=2, fsdp=True)
     predicted = estimate(model, setup)["memory_bytes"]["weights"]
     for r in results(tmp / "sharded"): assert abs(predicted - r["held_bytes"]) <= 0.1 * r["held_bytes"], (predicted, r["held_bytes"])
+
+
+@pytest.mark.parametrize("settings", [dict(lorafa=True), dict(init_lora_weights="pissa"), dict(init_lora_weights="loftq")],
+                         ids=["lorafa", "pissa", "loftq"])
+def test_the_job_refuses_fsdp_with_what_it_cannot_shard(settings):
+    from lora_kit.finetune import FinetuneConfig
+    from lora_kit.train import TrainConfig
+    with pytest.raises(ConfigError, match="fsdp trains LoRA, rsLoRA, DoRA and LoRA\\+ adapters; LoRA-FA's correction needs each A whole") as e:
+        FinetuneConfig(train=TrainConfig(fsdp=True), **settings)
+    assert e.value.field == "fsdp"
+
+
+def test_the_cli_names_the_flag_of_a_refused_fsdp_job():
+    r = subprocess.run(["lora-kit", "finetune", "--fsdp", "--init", "pissa"], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("lora-kit finetune --fsdp: fsdp trains LoRA"), r.stderr
+
+
+def test_the_other_processes_of_a_sharded_job_load_no_weights():
+    "What `job_base` builds on every process but the first: the architecture on the meta device, from the config alone."
+    from lora_kit.qlora import load_base
+    model, tokenizer = load_base("tiny", meta=True)
+    assert {p.device.type for p in model.parameters()} == {"meta"} and sum(p.numel() for p in model.parameters()) > 0
+    assert tokenizer.pad_token_id is not None
