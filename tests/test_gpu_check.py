@@ -173,3 +173,15 @@ def test_a_bundle_for_another_python_is_refused_with_the_fix(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "holds wheels for Python" in r.stderr and "--python-version" in r.stderr
     assert r.stderr.count("\n") <= 1  # one line, no traceback
+
+
+@no_gpu
+@pytest.mark.slow
+def test_the_sharded_phase_trains_two_processes_as_one_on_the_cpu(tmp_path):
+    "The dry run of issue 34's check: FSDP2 over 2 CPU processes (gloo) against one plain process."
+    r = gpu_check_run(tmp_path, "--only", "sharded")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "report.json").read_text())["phases"]["sharded"]["result"]
+    assert result["processes"] == 2 and result["backend"] == "gloo (CPU)" and result["max_loss_gap"] < 1e-5
+    assert all(share <= 0.55 for share in result["held_share"])
+    assert "FSDP2 over 2 processes (gloo (CPU), no)" in (tmp_path / "report.md").read_text()

@@ -24,7 +24,8 @@ def test_gpu_check_runs_offline_from_the_bundle_on_a_stand_in_of_the_gpu_machine
     assert not names & {"torch", "transformers", "peft", "accelerate", "numpy", "safetensors", "tokenizers"}
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["dry_run"] and {n: p["status"] for n, p in report["phases"].items()} == dict.fromkeys(
-        ("environment", "estimates", "loftq", "training", "paths", "cuda_lessons"), "done")
+        ("environment", "estimates", "loftq", "training", "paths", "cuda_lessons", "sharded"), "done")
+    assert report["phases"]["sharded"]["result"]["max_loss_gap"] < 1e-5  # FSDP2 on the machine's accelerate and transformers
     env = report["phases"]["environment"]["result"]
     assert env["versions"]["transformers"] == "5.17.0" and env["versions"]["accelerate"] == "1.15.0"  # the machine's
     assert sorted(env["bundle"]["installed"]) == sorted(w["file"] for w in manifest["wheels"])  # all offline, from it

@@ -19,7 +19,10 @@ each (so a run cut short still leaves one):
     against the estimate;
 (e) `paths`: issue 18's comparison, `lora_kit.bench.run_bench` on the fp32, autocast and qlora paths, lora_kit's
     lean layer + chunked loss against peft (4 blocks of LLaMA-2-7B's width, one interleaved run);
-(f) `cuda_lessons`: the lessons whose `#| cuda` cells need no download, run with execnb as `nbdev-test` runs them.
+(f) `cuda_lessons`: the lessons whose `#| cuda` cells need no download, run with execnb as `nbdev-test` runs them;
+(g) `sharded`: issue 34's check, `tests/fsdp_worker.py` under torchrun with FSDP2 over 2 GPUs (nccl, bf16) against one
+    plain GPU process on the same global batch: the largest loss gap and each process's parameter bytes; skipped, saying
+    so, on a machine with one GPU (the CPU dry run shards over 2 CPU processes, gloo, fp32).
 
 `--budget SECONDS` (default 480, inside one 10-minute command) stops starting phases when the next one's expected time
 would not fit in what is left; the report names each skipped phase and why. It writes `report.json` and `report.md`
@@ -41,7 +44,7 @@ RANK, ALPHA, DROPOUT = 16, 32, 0.05
 # Seconds each phase is expected to take: (on the H200, on a 2-core CPU dry run). The CPU ones are the rehearsal's
 # measured times (README, "On a GPU"); the GPU ones are estimates until a lent machine has run the check.
 EXPECTED_SECONDS = dict(environment=(5, 1), estimates=(5, 2), training=(360, 12), paths=(150, 10), cuda_lessons=(150, 60),
-                        loftq=(30, 5))
+                        loftq=(30, 5), sharded=(90, 40))
 VERSIONS_OF = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors", "tokenizers",
                "numpy", "execnb", "fastcore")
 
@@ -187,6 +190,10 @@ def run_cuda_lessons(timeout: int = 300) -> dict:
 
 # ---------------------------------------------------------------- the phases
 
+class PhaseSkipped(Exception):
+    "A phase this machine cannot run; the message says why."
+
+
 class PhaseFailed(Exception):
     "A phase that failed with a result worth reporting all the same."
     def __init__(self, message: str, result):
@@ -304,8 +311,29 @@ def phase_loftq(ctx: dict) -> dict:
     return dict(layers=len(original), rows=rows)
 
 
+def phase_sharded(ctx: dict) -> dict:
+    "FSDP2 over 2 processes against one plain process, same global batch: the loss gap and the bytes each process holds."
+    gpus = torch.cuda.device_count() if ctx["on_gpu"] else 0
+    if ctx["on_gpu"] and gpus < 2: raise PhaseSkipped(f"needs two GPUs; this machine has {gpus}")
+    worker, precision = ROOT / "tests" / "fsdp_worker.py", "bf16" if ctx["on_gpu"] else "no"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = [sys.executable, str(worker), f"{tmp}/plain", "--grad-accum", "2", "--precision", precision]
+        sharded = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), f"{tmp}/sharded", "--fsdp",
+                   "--precision", precision]
+        for cmd in (plain, sharded): subprocess.run(cmd, cwd=worker.parent, env=env, check=True, timeout=300, capture_output=True)
+        read = lambda run: [json.loads(p.read_text()) for p in sorted(Path(tmp, run).glob("rank*/result.json"))]
+        (alone,), ranks = read("plain"), read("sharded")
+    gap = max(abs(a - b) for a, b in zip(alone["losses"], ranks[0]["losses"], strict=True))
+    result = dict(processes=len(ranks), backend="nccl" if ctx["on_gpu"] else "gloo (CPU)", precision=precision, max_loss_gap=gap,
+                  held_share=[round(r["held_bytes"] / r["whole_bytes"], 4) for r in ranks], losses=ranks[0]["losses"])
+    print(f"  2 processes ({result['backend']}): largest loss gap {gap:.2e}, each holds {result['held_share']} of the base", flush=True)
+    return result
+
+
 PHASES = (("environment", phase_environment), ("estimates", phase_estimates), ("loftq", phase_loftq),
-          ("training", phase_training), ("paths", phase_paths), ("cuda_lessons", phase_cuda_lessons))
+          ("training", phase_training), ("paths", phase_paths), ("cuda_lessons", phase_cuda_lessons),
+          ("sharded", phase_sharded))
 
 
 def run_phases(ctx: dict, budget: float, write, phases=PHASES, expected_seconds=EXPECTED_SECONDS,
@@ -324,6 +352,9 @@ def run_phases(ctx: dict, budget: float, write, phases=PHASES, expected_seconds=
             print(f"gpu-check: {name} ...", flush=True)
             t0 = clock()
             try: report["phases"][name] = dict(status="done", result=phase(ctx))
+            except PhaseSkipped as e:
+                report["phases"][name] = dict(status="skipped", reason=str(e))
+                print(f"gpu-check: {name} skipped: {e}", flush=True)
             except PhaseFailed as e:
                 report["phases"][name] = dict(status="failed", error=str(e), result=e.result)
                 print(f"gpu-check: {name} FAILED: {e}", flush=True)
@@ -390,6 +421,11 @@ def markdown(report: dict) -> str:
         for r in loftq["rows"]:
             peft = "needs CUDA | " if r["peft_error"] is None else f"{r['peft_error']} | {r['max_gap']:.2e}"
             lines.append(f"| {r['scale']:g} | {r['iters']} | {r['kit_error']} | {peft} |")
+    sharded = ph.get("sharded", {}).get("result")
+    if sharded:
+        lines += ["", f"FSDP2 over {sharded['processes']} processes ({sharded['backend']}, {sharded['precision']}) against one plain "
+                  f"process, same global batch: largest loss gap {sharded['max_loss_gap']:.2e}; each process holds "
+                  f"{', '.join(f'{x:.1%}' for x in sharded['held_share'])} of the base's parameter bytes"]
     return "\n".join(lines) + "\n"
 
 
