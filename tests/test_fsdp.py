@@ -72,6 +72,14 @@ def test_each_process_holds_about_half_of_the_base(tmp_path_factory, precision, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision,four_bit", SETTINGS, ids=IDS)
+def test_sharded_adapters_train_in_fp32_on_the_lean_path_without_logits(tmp_path_factory, precision, four_bit):
+    "Under FSDP too: adapters (and so Adam's state) stay fp32 in bf16 runs, every layer takes lesson 06's lean backward, no logits."
+    for r in results(trained(tmp_path_factory, precision, four_bit) / "sharded"):
+        assert r["trained_dtypes"] == ["torch.float32"] and r["plain_path"] == {} and r["largest_head_output"] == 0, r
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["no", "bf16"], ids=["fp32", "bf16"])
 def test_the_gathered_adapter_is_the_plain_runs_in_peft(tmp_path_factory, precision):
     "The adapter rank 0 wrote from the shards, loaded by peft, gives the logits of the plain run's adapter in lora_kit."
