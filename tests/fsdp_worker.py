@@ -37,13 +37,16 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=6)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--dora", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true")
     args = p.parse_args(argv)
     model = base(args.four_bit, args.precision, args.quant_storage)
     whole = sum(p.nbytes for p in model.parameters())
     torch.manual_seed(0)
-    add_lora(model, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
+    add_lora(model, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8, use_dora=args.dora)
     cfg = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=5e-3, warmup_steps=1,
-                      precision=args.precision, fsdp=args.fsdp, save_every=args.save_every)
+                      precision=args.precision, fsdp=args.fsdp, save_every=args.save_every,
+                      grad_checkpointing=args.grad_checkpointing)
     head_outputs = [0]
     model.lm_head.register_forward_hook(lambda module, inputs, out: head_outputs.append(out.numel()))
     result = train(model, examples(), config=cfg, output_dir=args.out, resume_from=args.out if args.resume else None)

@@ -105,6 +105,20 @@ def test_the_adapters_of_both_runs_agree(tmp_path_factory, precision, four_bit):
 
 
 @pytest.mark.slow
+def test_dora_with_gradient_checkpointing_shards_too(tmp_path):
+    "DoRA's magnitudes (a norm of the gathered weight) and recomputed activations under FSDP: the plain run's losses."
+    args = ["--dora", "--grad-checkpointing"]
+    launch(tmp_path / "single", *args, processes=0)
+    launch(tmp_path / "sharded", *args)
+    (single,), sharded = results(tmp_path / "single"), results(tmp_path / "sharded")
+    for a, b in zip(single["losses"], sharded[0]["losses"], strict=True): assert abs(a - b) < 1e-5, (single["losses"], sharded[0]["losses"])
+    assert single["losses"][-1] < single["losses"][0]
+    ours, theirs = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("single", "sharded"))
+    assert any("lora_magnitude_vector" in k for k in ours) and ours.keys() == theirs.keys()
+    for key in ours: assert torch.allclose(ours[key], theirs[key], atol=1e-5), key
+
+
+@pytest.mark.slow
 def test_a_killed_sharded_run_resumes_to_the_same_adapter(tmp_path_factory, tmp_path):
     "The fp32 run as killed after its step-3 checkpoint (the step-6 one and the outputs gone), resumed on 2 processes."
     tmp = trained(tmp_path_factory, "no", False)
