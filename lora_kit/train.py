@@ -502,6 +502,7 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
           metric_fn=None, # model -> dict of task metrics, run at each evaluation
           base_model_name_or_path:str|None=None, # the base's name, recorded in checkpoints and checked on resume; default: the model's
           adapter_name:str|None=None, # train this adapter alone (the others stay frozen); default: whatever is trainable
+          on_step=None, # called after each step with its history entry, `max_steps`, `tokens_per_second` and `eta_seconds`
          ) -> dict:
     "Train the trainable parameters of `model` (its adapter layers on the lean path unless told otherwise); returns metrics and history."
     if not train_examples: raise LoraKitError("train_examples is empty: nothing to train on.")
@@ -534,6 +535,8 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
         evaluated = evaluate() if eval_examples and due(step + 1, config.eval_every) else {}
         history.append(dict(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0], **evaluated))
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed():.0f}", refresh=False)
+        if on_step: on_step(dict(history[-1], max_steps=config.max_steps, tokens_per_second=speed(),
+                                 eta_seconds=seconds / (step + 1 - start) * (config.max_steps - step - 1)))
         if output_dir and due(step + 1, config.save_every):
             with keeping_checkpoints(output_dir):  # a full disk: the error names the checkpoint before this one
                 save_checkpoint(output_dir, step + 1, *state, base_model_name_or_path, packed)

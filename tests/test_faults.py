@@ -207,7 +207,7 @@ def test_a_real_120k_disk_ends_in_one_line_naming_the_file(small_disk):
     assert r.returncode == 2, r.stderr[-3000:]
     line = message(r.stderr)  # safetensors' SafetensorError, recognised by its "(os error 28)"
     assert line.startswith(f"Could not write {disk / 'out' / WEIGHTS_NAME}: {FULL}. Nothing half-written was left; free some space"), line
-    assert files_on(disk) == []  # not a byte of a partial adapter, and no lock
+    assert files_on(disk) in ([], ["out/progress.jsonl"])  # not a byte of a partial adapter, and no lock: at most the run's log
 
 
 def test_torch_save_on_a_real_full_disk_is_told_by_its_words_and_the_disk(small_disk, tmp_path):
@@ -227,7 +227,7 @@ def test_a_real_disk_full_at_a_checkpoints_trainer_state_keeps_nothing_partial(s
     line = message(err)
     assert code == 2 and line.startswith(f"Could not write {disk / 'out' / STEP1}: {FULL}. Nothing half-written was left;"), line
     assert line.endswith("No checkpoint is kept to resume from (runs save them with --save-every N)."), line
-    assert files_on(disk) == []
+    assert files_on(disk) in ([], ["out/progress.jsonl"])  # at most the run's log
 
 
 def test_a_real_disk_full_at_the_final_adapter_keeps_the_checkpoint_and_resume_finishes(small_disk, reference, capsys):

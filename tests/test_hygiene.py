@@ -53,7 +53,7 @@ BIG_ON_PURPOSE = {  # module.function: why it is over a limit
     "inject.add_lora": "peft's LoraConfig fields, one keyword each, so a peft user's settings carry over by name",
     "layers.LoRALinear.add_adapter": "the same peft fields, per layer, as peft's update_layer takes them",
     "train.train": "a run's independent inputs (examples, config, checkpoint folder, resume and its fallback, collate, metrics, "
-                   "the base's name, the adapter), each optional; 13 of its lines are that signature",
+                   "the base's name, the adapter, a per-step callback), each optional; 14 of its lines are that signature",
 }
 
 
