@@ -30,7 +30,6 @@ from . import accounting
 from .data import llama2_chat
 from .tiny import generate
 from .qlora import DEMO_ADAPTER, open_adapters, resolve_model, shared_base
-from .finetune import PROGRESS, read_progress
 
 # %% ../nbs/17_app.ipynb #13451f7e
 def find_adapters(path:str|Path, # the folder typed in the app
@@ -369,7 +368,10 @@ class TrainJob:
         except OSError: return False
         return [c.decode() for c in cmdline if c] == self.command
 
-    def events(self) -> list[dict]: return read_progress(self.output / PROGRESS)
+    def events(self) -> list[dict]:
+        "The job's progress events so far (lesson 12's stream)."
+        from lora_kit.finetune import PROGRESS, read_progress  # here: opening an adapter for the page loads no training stack
+        return read_progress(self.output / PROGRESS)
 
     def state(self) -> str:
         "running, done, failed or cancelled."
