@@ -198,12 +198,13 @@ def _export_arguments(x):
 def _app(args):
     "The app's server runs in this process (`lora_kit.app.serve`): SIGTERM or Ctrl-C stops it, nothing is left behind."
     from lora_kit.app import serve
-    serve(args.port, adapter=args.adapter, model=args.model)
+    serve(args.port, adapter=args.adapter, model=args.model, runs=args.runs)
 
 def _app_arguments(a):
     a.add_argument("--port", type=number_type(int, 1, 65535), default=8501)
     a.add_argument("--adapter", help="adapter folder (default: the demo adapter shipped with lora_kit)")
     a.add_argument("--model", help="base model: tiny, a folder or a Hub id (default: the adapter's base)")
+    a.add_argument("--runs", help="the Train tab's folder, a subfolder per run (default: lora-kit-runs in this folder)")
     a.set_defaults(run=_app)
 
 def _bench(args):
@@ -229,7 +230,7 @@ SUBCOMMANDS = {  # name: (what it does, the function that adds its arguments and
     "bench": ("benchmark full fine-tuning, peft LoRA and lora_kit LoRA side by side", _bench_arguments),
     "rank-sweep": ("fine-tune the demo task at several ranks: cost against exact match", _sweep_arguments),
     "finetune": ("fine-tune with LoRA (default: the embedded tiny base on the demo task, CPU)", _finetune_arguments),
-    "app": ("the Streamlit app: base vs adapter side by side, and what LoRA saves", _app_arguments),
+    "app": ("the Streamlit app: base vs adapter side by side, what LoRA saves, and training from the browser", _app_arguments),
 }
 EXIT_CODES = ("exit codes: 0 done; 2 bad input (one line on stderr naming the problem and the fix); 3 training stopped "
               "on a non-finite loss (the last good adapter is saved); anything else is a bug in lora_kit: it prints a traceback.")

@@ -10,10 +10,10 @@ __all__ = ['KNOWN_HARMLESS', 'SWITCH', 'TEXT', 'PATH', 'RANK', 'ALPHA', 'DROPOUT
            'quiet_known_warnings', 'named_paths', 'LoraKitError', 'ConfigError', 'MissingFileError',
            'MissingExtraError', 'WriteError', 'BusyError', 'Rule', 'number_in', 'integer_at_least', 'one_of', 'several',
            'names_from', 'optional', 'check_value', 'setting', 'check_fields', 'argument_type', 'number_type',
-           'flag_of', 'add_setting_arguments', 'settings_from', 'setting_flags', 'Sampling', 'byte_tokenizer',
-           'tiny_llama_config', 'tiny_llama', 'llama2_config', 'meta_llama', 'count_params', 'write_failure',
-           'write_error', 'raise_write_error', 'remove_stale_temps', 'atomic_write', 'partial_folder', 'atomic_folder',
-           'atomic_files', 'output_lock', 'asset_path']
+           'flag_of', 'add_setting_arguments', 'settings_from', 'setting_flags', 'setting_args', 'Sampling',
+           'byte_tokenizer', 'tiny_llama_config', 'tiny_llama', 'llama2_config', 'meta_llama', 'count_params',
+           'write_failure', 'write_error', 'raise_write_error', 'remove_stale_temps', 'atomic_write', 'partial_folder',
+           'atomic_folder', 'atomic_files', 'output_lock', 'asset_path']
 
 # %% ../nbs/00_core.ipynb #6a22c5a7
 import argparse, errno, fcntl, glob, math, numbers, os, re, shutil, tempfile
@@ -224,6 +224,23 @@ def settings_from(kind:type, # a dataclass declared with `setting`
 def setting_flags(kind:type) -> dict[str, str]:
     "Field name -> command-line flag for every field of the dataclass `kind`, a nested dataclass's fields included."
     return {name: flag for f in fields(kind) for name, flag in (setting_flags(f.type).items() if is_dataclass(f.type) else [(f.name, flag_of(f))])}
+
+# %% ../nbs/00_core.ipynb #27cfc4de
+def setting_args(settings, # a dataclass instance declared with `setting`
+                 leave_out:tuple=(), # names of fields given some other way (e.g. `--output` on its own)
+                 defaults=None, # the values the command line starts from; None: the dataclass's own defaults
+                ) -> list[str]:
+    "The words `add_setting_arguments` and `settings_from` turn back into `settings`: a flag (and value) per field that differs from its default."
+    defaults = type(settings)() if defaults is None else defaults
+    words = []
+    for f in fields(settings):
+        value, default, rule = getattr(settings, f.name), getattr(defaults, f.name), f.metadata["rule"]
+        if f.name in leave_out or value == default: continue
+        if is_dataclass(value): words += setting_args(value, leave_out, default)
+        elif value is None: raise ConfigError(f"{f.name}=None cannot be written as a flag: leave {flag_of(f)} at its default", field=f.name)
+        elif rule.parse is None: words.append(flag_of(f) if value else "--no-" + flag_of(f).removeprefix("--"))
+        else: words += [flag_of(f), _shown(value, rule)]
+    return words
 
 # %% ../nbs/00_core.ipynb #5a3e9c22
 @dataclass(frozen=True)

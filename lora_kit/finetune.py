@@ -8,7 +8,7 @@ Docs: https://lora-kit.github.io/lora_kit/finetune.html.md"""
 __all__ = ['DEMO_TARGETS', 'DEMO_RANK', 'DEMO_ALPHA', 'DEMO_CONFIG', 'TARGET_NAMES', 'INIT', 'PROGRESS', 'RUN_FILES',
            'target_names', 'known_init', 'FinetuneConfig', 'flops_per_step', 'split_data', 'Task', 'prepare_task',
            'prepare_output', 'launched_processes', 'job_output', 'finetune', 'progress_writer', 'read_progress',
-           'save_loftq_base', 'job_base', 'summary', 'build_demo_adapter', 'merge_adapter']
+           'save_loftq_base', 'job_base', 'summary', 'build_demo_adapter', 'merge_adapter', 'reversed_split']
 
 # %% ../nbs/12_finetune.ipynb #d9ceef8c
 import json, math, os, shutil, tempfile
@@ -24,8 +24,8 @@ from .inject import ALL_LINEAR, CONFIG_NAME, WEIGHTS_NAME, add_lora, find_target
 from .accounting import Setup, estimate_methods
 from .data import DataError, TEMPLATES, collate, demo_path, load_instructions, pack, tokenize_dataset
 from .tiny import exact_match
-from .train import (COUNT, CHECKPOINTS, POSITIVE, NonFiniteLossError, TrainConfig, _precision, checkpoints, evaluate_loss, fsdp_dtype,
-                    gathered, keeping_checkpoints, plot_history, shard_model, train)
+from .train import (COUNT, CHECKPOINTS, POSITIVE, NonFiniteLossError, TrainConfig, checkpoints, evaluate_loss, fsdp_dtype,
+                    gathered, keeping_checkpoints, plot_history, resolved_precision, shard_model, train)
 from .variants import pissa_niter
 from .qlora import DEMO_ADAPTER, base_state_dict, load_base, open_adapter, resolve_model  # lesson 11
 
@@ -260,7 +260,7 @@ def job_base(c:FinetuneConfig) -> tuple:
     or 32 bits, only the first process loads the weights and the others build the model on the meta device (`from_first`:
     lesson 10's `shard_model` then sends each its shards); a 4-bit base every process loads, its codes stored in the dtype FSDP gathers in."""
     if not (c.train.fsdp and launched_processes() > 1): return (*load_base(c.model, four_bit=c.four_bit), False)
-    if c.four_bit: return (*load_base(c.model, four_bit=True, quant_storage=fsdp_dtype(_precision(c.train))), False)
+    if c.four_bit: return (*load_base(c.model, four_bit=True, quant_storage=fsdp_dtype(resolved_precision(c.train))), False)
     return (*load_base(c.model, meta=int(os.environ.get("RANK", "0")) != 0), True)
 
 def _finetune(c:FinetuneConfig, output:Path, writes:bool, report) -> dict:
@@ -276,7 +276,7 @@ def _finetune(c:FinetuneConfig, output:Path, writes:bool, report) -> dict:
     add_lora(base, c.targets, r=c.rank, alpha=c.alpha, dropout=c.dropout, use_rslora=c.use_rslora, use_dora=c.use_dora,
              lorafa=c.lorafa, init_lora_weights=c.init_lora_weights, loftq_bits=c.loftq_bits, loftq_iter=c.loftq_iter)
     if from_first:  # the weights reach every process only now; B = 0, so the model is still the base
-        shard_model(base, _precision(tc), from_first=True)
+        shard_model(base, resolved_precision(tc), from_first=True)
         before_loss, before_acc = baseline()
     if c.init_lora_weights == "loftq":  # what the adapters are trained on
         base_name = save_loftq_base(base, tokenizer, output) if writes else str((output / "base").resolve())
@@ -343,3 +343,12 @@ def merge_adapter(adapter:str|Path, # an adapter folder
     remove_lora(merged, merge=True)
     with atomic_folder(output) as tmp: merged.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
     return output
+
+# %% ../nbs/12_finetune.ipynb #9ec50cf1
+def reversed_split(split:str, folder:Path) -> Path:
+    "The demo's `split` read the other way (Indonesian -> English), written (whole, or not at all) to a JSONL file in `folder`."
+    rows = [json.loads(line) for line in demo_path(split).read_text().splitlines()]
+    text = "".join(json.dumps(dict(instruction="Translate to English:", input=r["output"], output=r["input"])) + "\n" for r in rows)
+    path = folder / f"{split}.jsonl"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path

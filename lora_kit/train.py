@@ -11,7 +11,8 @@ __all__ = ['COUNT', 'WHOLE', 'POSITIVE', 'CHECKPOINTS', 'RUN_SETTINGS', 'languag
            'checkpoint_differences', 'mismatch_error', 'load_checkpoint', 'resume', 'keeping_checkpoints',
            'peak_memory_bytes', 'evaluate_loss', 'NonFiniteLossError', 'check_finite', 'enable_gradient_checkpointing',
            'fsdp_dtype', 'check_shardable', 'decoder_layers', 'shard_model', 'is_sharded', 'local_parameter_bytes',
-           'gathered', 'prepare_layers', 'make_optimizer', 'step_batches', 'train_step', 'train', 'plot_history']
+           'gathered', 'prepare_layers', 'make_optimizer', 'step_batches', 'train_step', 'resolved_precision', 'train',
+           'plot_history']
 
 # %% ../nbs/10_train.ipynb #a13b4ca6
 import json, math, resource, time, warnings
@@ -482,7 +483,7 @@ def train_step(model, batches:list[dict], # this process's micro-batches (`step_
     return loss, tokens, positions
 
 # %% ../nbs/10_train.ipynb #4141b1dc
-def _precision(config:TrainConfig) -> str:
+def resolved_precision(config:TrainConfig) -> str:
     "The mixed precision a run uses: `config.precision`, \"auto\" resolved for this machine; fp16 refused without a GPU."
     precision = auto_precision() if config.precision == "auto" else config.precision
     if precision == "fp16" and not torch.cuda.is_available():
@@ -507,11 +508,11 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
     "Train the trainable parameters of `model` (its adapter layers on the lean path unless told otherwise); returns metrics and history."
     if not train_examples: raise LoraKitError("train_examples is empty: nothing to train on.")
     set_seed(config.seed)
-    accelerator = Accelerator(mixed_precision=_precision(config), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=resolved_precision(config), cpu=not torch.cuda.is_available())
     collate_fn = collate_fn or partial(collate, pad_token_id=0)
     prepare_layers(model, config, adapter_name)
     counts = dict(trainable_params=count_params(model, trainable_only=True), total_params=count_params(model))  # 4-bit ones unpacked
-    if config.fsdp and not is_sharded(model): shard_model(model.to(accelerator.device), _precision(config))  # before the optimizer: it holds the shards
+    if config.fsdp and not is_sharded(model): shard_model(model.to(accelerator.device), resolved_precision(config))  # before the optimizer: it holds the shards
     optimizer, scheduler = make_optimizer(model, config)
     if config.fsdp: optimizer = accelerator.prepare(optimizer)  # no data-parallel wrapper: FSDP reduces the gradients itself
     else: model, optimizer = accelerator.prepare(model, optimizer)

@@ -57,7 +57,7 @@ def test_renders_with_defaults(page):
     at = page()
     assert not at.exception and not at.error
     assert "base vs LoRA adapter" in at.title[0].value
-    assert [t.label for t in at.tabs] == ["Generate", "Efficiency", "Adapter"]
+    assert [t.label for t in at.tabs] == ["Generate", "Efficiency", "Adapter", "Train"]
 
 
 def test_generate_shows_base_and_adapter_outputs_and_three_speeds(page):
@@ -376,8 +376,8 @@ def test_adapters_in_subfolders_only_are_named_after_them(page, tmp_path):
 def test_a_single_adapter_folder_has_no_picker(page):
     at = page()
     assert not at.exception and not at.sidebar.selectbox
-    assert [t.label for t in at.toggle] == ["Sample (else greedy)", "Gradient checkpointing",
-                                            "LoRA-FA: A frozen, no layer inputs kept (lora, qlora)"]  # no "side by side"
+    shown = [t.label for tab in at.tabs[:3] for t in tab.toggle]
+    assert shown == ["Sample (else greedy)", "Gradient checkpointing", "LoRA-FA: A frozen, no layer inputs kept (lora, qlora)"]  # no "side by side"
     at.button[0].click().run()
     assert [s.value for s in at.tabs[0].subheader] == ["Base model", "Base + adapter", "Speed"]
 
@@ -390,10 +390,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_app(port):
-    "`lora-kit app` in its own process group, and the seconds from its start until the server answers."
+def start_app(port, *args):
+    "`lora-kit app --port PORT *args` in its own process group, and the seconds from its start until the server answers."
     start = time.monotonic()
-    server = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", "app", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "lora_kit.cli", "app", "--port", str(port), *args],
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.STDOUT, start_new_session=True)
     while True:
@@ -461,7 +461,7 @@ def test_real_browser(tmp_path):
             tab.goto(f"http://127.0.0.1:{port}", timeout=60_000)
             tab.get_by_role("tab", name="Efficiency").wait_for(timeout=120_000)
             layout = time.monotonic() - opened
-            generate = tab.get_by_role("button", name="Generate")
+            generate = tab.get_by_role("button", name="Generate", exact=True)
             generate.wait_for(timeout=180_000)  # shown once the model is loaded
             usable = time.monotonic() - started
             print(f"\napp timing: server answers {answered:.1f} s after `lora-kit app`; in the browser, layout "
@@ -488,7 +488,7 @@ def test_real_browser(tmp_path):
             assert outputs.nth(1).inner_text().strip()
             tab.screenshot(path=str(shots / "app_generate.png"), full_page=True)
 
-            prompt = tab.get_by_label("Prompt")
+            prompt = tab.get_by_role("textbox", name="Prompt", exact=True)
             prompt.fill(LONG_PROMPT)
             prompt.press("Control+Enter")  # Streamlit takes a text area's value on Ctrl+Enter or on leaving it
             tab.get_by_text("too long for this model").wait_for(timeout=60_000)
