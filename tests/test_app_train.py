@@ -267,9 +267,15 @@ def chart_steps(page) -> list[int]:
                    for m in [__import__("re").search(r"step: ([\d,.]+)", label)] if m})
 
 
+def choose(page, panel, label, option):
+    "Pick `option` in the Streamlit selectbox `label` (its list opens in a popover outside the tab)."
+    panel.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option).click()
+
+
 @pytest.mark.slow
 def test_real_browser_trains_and_generates(tmp_path):
-    """In Chromium: a 30-step run started from the Train tab, its loss chart seen growing while it runs, then its
+    """In Chromium: an upload with a bad row refused on the page, then a 30-step run started from the Train tab, its loss chart seen growing while it runs, then its
     adapter answering in Generate; the time from Start to the first loss point is printed (BENCHMARKS.md)."""
     from test_app import CHROMIUM, assert_stops_cleanly, free_port, start_app
     if CHROMIUM is None: pytest.skip("Chromium is not installed (apt-get install chromium)")
@@ -286,6 +292,14 @@ def test_real_browser_trains_and_generates(tmp_path):
             panel = page.get_by_role("tabpanel", name="Train")
             steps = panel.get_by_role("spinbutton", name="Steps")
             steps.wait_for(timeout=180_000)
+            choose(page, panel, "Training data", app.DATA_CHOICES[2])  # an upload with a bad row is refused before Start
+            panel.locator("input[type=file]").set_input_files(
+                files=[{"name": "bad.csv", "mimeType": "text/csv", "buffer": b"instruction,input,output\nSay hi,,\n"}])
+            panel.get_by_text("bad.csv line 2: empty response").wait_for(timeout=60_000)
+            assert not panel.get_by_role("button", name="Start training").count()
+            choose(page, panel, "Training data", app.DATA_CHOICES[0])
+            panel.locator("input[type=file]").wait_for(state="detached", timeout=60_000)  # the demo's form again
+            panel.get_by_role("button", name="Start training").wait_for(timeout=60_000)
             steps.fill("30"); steps.press("Enter")
             prompts = panel.get_by_role("spinbutton", name="Held-out prompts")
             prompts.fill("8"); prompts.press("Enter")
@@ -299,6 +313,7 @@ def test_real_browser_trains_and_generates(tmp_path):
                 page.wait_for_timeout(200)
             print(f"\napp training: first loss point {first_point:.1f} s after Start; chart drawn with "
                   f"{[s[-1] for s in seen]} steps while it ran")
+            assert seen[-1][-1] == 30, "the run was not the 30 steps typed in"
             assert len(seen) >= 2, f"the chart updated {len(seen)} times while the run trained"
             panel.get_by_role("button", name="Use in Generate and Adapter").wait_for(timeout=60_000)  # the process has ended
             page.screenshot(path=str(shots / "app_train.png"), full_page=True)
