@@ -401,6 +401,10 @@ class TrainJob:
         lines = (self.output / JOB_ERRORS).read_text().strip().splitlines() if (self.output / JOB_ERRORS).exists() else []
         return failed[-1] if failed else (lines[-1] if lines else "the job stopped without a word")
 
+    def resume(self) -> "TrainJob":
+        "Start the job again from its newest checkpoint (`--resume`), into the same folder and stream."
+        return TrainJob.start(self.output, setting_args(replace(self.settings(), resume=True), ("output",)))
+
     def cancel(self, timeout:float=30) -> str:
         "Stop the job (SIGTERM to its process group) and wait for it; its checkpoints stay. Returns the state."
         if self.running():
@@ -778,7 +782,8 @@ def use_run(runs:Path, name:str):
     st.session_state.update(adapter_folder=str(runs), adapter=name)
 
 def job_panel(st, runs:Path, name:str, job:TrainJob, live:bool=False):
-    "One run: its state; while it runs the progress bar, line, live loss chart and Cancel; a failed run's error; a finished one's headline."
+    "One run: its state; while it runs the progress bar, line, live loss chart and Cancel; a failed run's error; a cancelled one's Resume; a finished one's headline."
+    from lora_kit.train import checkpoints
     state, events = job.state(), job.events()
     if live and state != "running": st.rerun()  # it ended: the whole page again, so Generate and Adapter can use it
     with st.container(border=True):
@@ -790,7 +795,9 @@ def job_panel(st, runs:Path, name:str, job:TrainJob, live:bool=False):
             job.cancel()
             st.rerun()
         if state == "failed": st.error(job.error())
-        if state == "cancelled": st.warning("Cancelled: its checkpoints stay in the run's folder (lora-kit finetune --resume continues it).")
+        if state == "cancelled":
+            st.warning("Cancelled: its checkpoints stay in the run's folder.")
+            if checkpoints(job.output): st.button("Resume", key=f"resume-{name}", on_click=job.resume, help="from its newest checkpoint")
         if state == "done":
             st.caption(" · ".join(f"{label}: {value}" for label, value in headline(adapter_summary(job.output)["metrics"]).items()))
             st.button("Use in Generate and Adapter", key=f"use-{name}", on_click=use_run, args=(runs, name))

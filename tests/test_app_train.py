@@ -193,18 +193,25 @@ def test_two_runs_are_put_side_by_side(train_page, tmp_path):
 
 
 @pytest.mark.slow
-def test_cancel_stops_the_job_and_keeps_its_checkpoint(train_page, tmp_path):
-    at = start(train_page, steps=400, name="long")
+def test_cancel_stops_the_job_and_keeps_its_checkpoint_and_resume_goes_on(train_page, tmp_path):
+    at = start(train_page, steps=60, name="long")
     job = app.TrainJob.attach(tmp_path / "runs" / "long")
     reloaded = AppTest.from_string(app.PAGE_SCRIPT, default_timeout=180).run()  # a reload: a new session finds the job
     assert run_states(reloaded) == {"long": "running"}
     deadline = time.monotonic() + 300
-    while not [e for e in job.events() if e["event"] == "step" and e["step"] >= 41] and time.monotonic() < deadline: time.sleep(0.3)
+    while not [e for e in job.events() if e["event"] == "step" and e["step"] >= 7] and time.monotonic() < deadline: time.sleep(0.1)
     at.run()
     widget(tab(at).button, "Cancel").click().run()
     assert run_states(at) == {"long": "cancelled"} and not job.running()
     assert "Cancelled: its checkpoints stay" in tab(at).warning[0].value
-    assert (tmp_path / "runs" / "long" / "checkpoints" / "step-000040").is_dir()
+    kept = sorted(p.name for p in (tmp_path / "runs" / "long" / "checkpoints").iterdir())
+    assert kept and kept[-1] >= "step-000006", kept
+    widget(tab(at).button, "Resume").click().run()
+    assert run_states(at) == {"long": "running"}
+    wait_for(at, lambda at: run_states(at) == {"long": "done"})
+    steps = [e["step"] for e in job.events() if e["event"] == "step"]
+    resumed_from = int(kept[-1].split("-")[1])
+    assert steps[-(60 - resumed_from):] == list(range(resumed_from + 1, 61))  # the stream goes on from the checkpoint
 
 
 def test_a_failed_job_shows_its_one_line(train_page, tmp_path):
