@@ -9,17 +9,17 @@ __all__ = ['MIXED_BASES', 'FORMS', 'TIMED_TOKENS', 'REPEATS', 'JOB_FILE', 'JOB_E
            'VARIANT_FIELDS', 'TRAIN_PRECISION', 'DATA_CHOICES', 'DATA_FILES', 'ENV_MODEL', 'ENV_ADAPTER',
            'DEFAULT_PROMPT', 'BASE_CHOICE', 'MODEL_LOCK', 'POLL_SECONDS', 'PAGE_SCRIPT', 'find_adapters',
            'saved_shapes', 'shape_problem', 'check_base_name', 'check_fits', 'open_folder', 'adapter_variant',
-           'adapter_summary', 'headline', 'prompt_text', 'fit_prompt', 'timed_tokens', 'merged_adapters', 'as_form',
-           'latency', 'compare', 'latency_rows', 'side_by_side', 'rank_choices', 'adapted_suffixes', 'memory_unit',
-           'memory_chart', 'assumptions', 'fit_rows', 'TrainJob', 'run_config', 'variant_of', 'run_estimate',
-           'uploaded_data', 'training_data', 'progress_status', 'loss_chart', 'markdown_table', 'runs_in',
-           'finished_runs', 'run_rows', 'stop_started', 'pick_adapter', 'reply_titles', 'show_result', 'generate_tab',
-           'efficiency_headline', 'efficiency_tab', 'adapter_tab', 'base_and_data', 'adapter_settings',
-           'training_settings', 'free_run_name', 'run_folder', 'train_form', 'start_run', 'use_run', 'job_panel',
-           'compare_runs', 'train_tab', 'open_found', 'render', 'serve']
+           'adapter_summary', 'exact_share', 'headline', 'prompt_text', 'fit_prompt', 'timed_tokens', 'merged_adapters',
+           'as_form', 'latency', 'compare', 'latency_rows', 'side_by_side', 'rank_choices', 'adapted_suffixes',
+           'memory_unit', 'memory_chart', 'assumptions', 'fit_rows', 'finetune_parser', 'TrainJob', 'run_config',
+           'variant_of', 'run_estimate', 'uploaded_data', 'training_data', 'progress_status', 'loss_chart',
+           'markdown_table', 'runs_in', 'finished_runs', 'run_rows', 'stop_started', 'pick_adapter', 'reply_titles',
+           'show_result', 'generate_tab', 'efficiency_headline', 'efficiency_tab', 'adapter_tab', 'base_and_data',
+           'adapter_settings', 'training_settings', 'free_run_name', 'run_folder', 'train_form', 'start_run', 'use_run',
+           'job_panel', 'compare_runs', 'train_tab', 'open_found', 'render', 'serve']
 
 # %% ../nbs/17_app.ipynb #dd7282c3
-import argparse, hashlib, importlib.util, itertools, json, os, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
+import argparse, functools, hashlib, importlib.util, itertools, json, os, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from contextlib import contextmanager
@@ -29,7 +29,7 @@ from huggingface_hub.errors import GatedRepoError, HFValidationError, HTTPError,
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, LlamaConfig
 from .core import (ConfigError, MissingExtraError, MissingFileError, LoraKitError, Sampling, add_setting_arguments, atomic_write,
-                           setting_args, settings_from)
+                           check_value, setting_args, settings_from)
 from .inject import (
     BASE_ROW, CONFIG_NAME, WEIGHTS_NAME, active_adapters, adapter_folders, adapter_layers, adapter_names, adapter_per_row,
     lora_disabled, merge_lora, read_adapter_config, set_adapter, unmerge_lora)
@@ -145,11 +145,15 @@ def adapter_summary(path:str|Path) -> dict:
                 loss_plot=str(path / "loss.png") if (path / "loss.png").exists() else None)
 
 # %% ../nbs/17_app.ipynb #bd004af7
+def exact_share(fraction:float) -> str:
+    "An exact-match share as a percentage, a decimal only where it has one: 199 of 200 is 99.5%, not a rounded 100%."
+    return f"{fraction:.0%}" if round(100 * fraction, 6) == round(100 * fraction) else f"{fraction:.1%}"
+
 def headline(metrics:dict, # an adapter folder's metrics.json
             ) -> dict:
     "The adapter tab's first line: exact match before → after, trainable share, steps and training time."
     share = 100 * metrics["trainable_params"] / metrics["total_params"]
-    return {"Exact match, held-out prompts": f"{metrics['eval_accuracy_before']:.0%} → {metrics['eval_accuracy_after']:.0%}",
+    return {"Exact match, held-out prompts": f"{exact_share(metrics['eval_accuracy_before'])} → {exact_share(metrics['eval_accuracy_after'])}",
             "Trainable share": f"{share:.2f}% ({metrics['trainable_params']:,} of {metrics['total_params']:,})",
             "Steps": f"{metrics['steps']:,}",
             "Training time": f"{metrics['train_seconds']:.0f} s ({metrics['tokens_per_second']:,.0f} tokens/s)"}
@@ -339,6 +343,12 @@ def fit_rows(estimates:dict) -> list[dict]:
 JOB_FILE, JOB_ERRORS = ".lora-kit-job.json", ".lora-kit-job.err"  # in the run's output folder
 _STARTED = {}  # process id -> (Popen, output folder) of the jobs this process started: a finished one is reaped, a running one stopped with the app
 
+@functools.cache
+def finetune_parser() -> argparse.ArgumentParser:
+    "The parser of `lora-kit finetune`'s settings (lesson 00's `add_setting_arguments`), built once: it reads the jobs' command lines."
+    from lora_kit.finetune import FinetuneConfig
+    return add_setting_arguments(argparse.ArgumentParser(), FinetuneConfig())
+
 @dataclass
 class TrainJob:
     "A `lora-kit finetune` run in a process of its own, started by the page or found again in its output folder."
@@ -372,8 +382,7 @@ class TrainJob:
     def settings(self) -> "FinetuneConfig":
         "The `lora-kit finetune` settings its command line gives, read by lesson 00's parser of the settings."
         from lora_kit.finetune import FinetuneConfig
-        parser = add_setting_arguments(argparse.ArgumentParser(), FinetuneConfig())
-        return settings_from(FinetuneConfig, parser.parse_args(self.command[4:]))
+        return settings_from(FinetuneConfig, finetune_parser().parse_args(self.command[4:]))
 
     def running(self) -> bool:
         "Whether the job's process is still alive (a process that reused its id is not it)."
@@ -387,17 +396,20 @@ class TrainJob:
         from lora_kit.finetune import PROGRESS, read_progress  # here: opening an adapter for the page loads no training stack
         return read_progress(self.output / PROGRESS)
 
-    def state(self) -> str:
+    def state(self, events:list[dict]|None=None, # its progress events if read already (once it ended); None: read them
+             ) -> str:
         "running, done, failed or cancelled."
         if self.running(): return "running"
         if (self.output / JOB_FILE).exists() and json.loads((self.output / JOB_FILE).read_text()).get("cancelled"): return "cancelled"
-        last = (self.events() or [{}])[-1].get("event")
+        last = ((self.events() if events is None else events) or [{}])[-1].get("event")
         return "done" if last == "done" else "failed"
 
-    def error(self) -> str|None:
+    def error(self, events:list[dict]|None=None, # its progress events if read already (once it ended); None: read them
+             ) -> str|None:
         "A failed job's one-line error: its `failed` event's, else the last line it wrote to stderr."
-        if self.state() != "failed": return None
-        failed = [e["error"] for e in self.events() if e["event"] == "failed"]
+        events = self.events() if events is None else events
+        if self.state(events) != "failed": return None
+        failed = [e["error"] for e in events if e["event"] == "failed"]
         lines = (self.output / JOB_ERRORS).read_text().strip().splitlines() if (self.output / JOB_ERRORS).exists() else []
         return failed[-1] if failed else (lines[-1] if lines else "the job stopped without a word")
 
@@ -427,8 +439,10 @@ def run_config(output:str|Path, # the run's folder
                **fields) -> "FinetuneConfig": # other `FinetuneConfig` fields: model, data, rank, alpha, targets, four_bit, ...
     "The Train tab's form as `lora-kit finetune` settings, checked (a refusal names the field): the demo's training for `steps` steps, evaluated and checkpointed 10 times."
     from lora_kit.finetune import DEMO_CONFIG, FinetuneConfig  # here: only the Train tab loads the training stack
+    from lora_kit.train import COUNT
     if variant not in VARIANTS: raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", field="variant")
-    every = max(1, steps // 10) if isinstance(steps, int) else steps  # a bad `steps` is refused by TrainConfig, naming max_steps
+    check_value("max_steps", steps, COUNT)  # TrainConfig's own rule, first: a tenth of the run needs a whole number of steps
+    every = max(1, steps // 10)
     train = replace(DEMO_CONFIG, max_steps=steps, lr=lr, precision=precision, eval_every=every, save_every=every,
                     loraplus_lr_ratio=DEMO_CONFIG.loraplus_lr_ratio if variant == "LoRA+" else 1.0)
     return FinetuneConfig(output=str(output), train=train, **VARIANT_FIELDS.get(variant, {}), **fields)
@@ -489,11 +503,11 @@ def progress_status(events:list[dict], # a job's progress events (`TrainJob.even
     start = next((e for e in events if e["event"] == "start"), None)
     steps = [e for e in events if e["event"] == "step"]
     if start is None: return 0.0, "Loading the base and the data…"
-    if not steps: return 0.0, (f"Before training: held-out loss {start['eval_loss']:.3f}, exact match {start['eval_accuracy']:.0%}. "
+    if not steps: return 0.0, (f"Before training: held-out loss {start['eval_loss']:.3f}, exact match {exact_share(start['eval_accuracy'])}. "
                                "First step…")
     last = steps[-1]
     line = f"Step {last['step']:,} of {last['max_steps']:,} · {last['tokens_per_second']:,.0f} tokens/s · "
-    if events[-1]["event"] == "done": line += f"done: exact match {events[-1]['eval_accuracy']:.0%}"
+    if events[-1]["event"] == "done": line += f"done: exact match {exact_share(events[-1]['eval_accuracy'])}"
     elif last["step"] == last["max_steps"]: line += "measuring exact match on the held-out prompts…"
     else: line += f"about {timedelta(seconds=round(last['eta_seconds']))} left"
     return last["step"] / last["max_steps"], line
@@ -521,10 +535,10 @@ def runs_in(runs:str|Path) -> dict[str, TrainJob]:
     jobs = [TrainJob.attach(f.parent) for f in Path(runs).glob(f"*/{JOB_FILE}")]
     return {job.output.name: job for job in sorted((j for j in jobs if j), key=lambda j: j.started, reverse=True)}
 
-def finished_runs(runs:str|Path) -> dict[str, dict]:
-    "Name -> `adapter_summary` of each run in `runs` that ended with its adapter and metrics written, its variant as the form named it."
-    return {name: adapter_summary(job.output) | dict(variant=variant_of(job.settings()))
-            for name, job in runs_in(runs).items() if job.state() == "done"}
+def finished_runs(jobs:dict[str, TrainJob], # `runs_in` of the runs' folder
+                 ) -> dict[str, dict]:
+    "Name -> `adapter_summary` of each of `jobs` that ended with its adapter and metrics written, its variant as the form named it."
+    return {name: adapter_summary(job.output) | dict(variant=variant_of(job.settings())) for name, job in jobs.items() if job.state() == "done"}
 
 def run_rows(infos:dict[str, dict], # run name -> `adapter_summary` of its folder
             ) -> list[dict]:
@@ -781,11 +795,14 @@ def use_run(runs:Path, name:str):
     import streamlit as st
     st.session_state.update(adapter_folder=str(runs), adapter=name)
 
-def job_panel(st, runs:Path, name:str, job:TrainJob, live:bool=False):
+def job_panel(st, runs:Path, name:str, job:TrainJob,
+              info:dict|None=None, # a finished run's `adapter_summary` if read already; None: read it
+              live:bool=False): # a running job's panel, rerun every `POLL_SECONDS`
     "One run: its state; while it runs the progress bar, line, live loss chart and Cancel; a failed run's error; a cancelled one's Resume; a finished one's headline."
     from lora_kit.train import checkpoints
-    state, events = job.state(), job.events()
-    if live and state != "running": st.rerun()  # it ended: the whole page again, so Generate and Adapter can use it
+    events = job.events()
+    state = job.state(events)
+    if live and state != "running": st.rerun()  # it ended: the whole page again (its stream read whole), so Generate and Adapter can use it
     with st.container(border=True):
         st.markdown(f"**{name}**: {state}")
         if state in ("running", "done"):
@@ -794,18 +811,19 @@ def job_panel(st, runs:Path, name:str, job:TrainJob, live:bool=False):
         if state == "running" and st.button("Cancel", key=f"cancel-{name}"):
             job.cancel()
             st.rerun()
-        if state == "failed": st.error(job.error())
+        if state == "failed": st.error(job.error(events))
         if state == "cancelled":
             st.warning("Cancelled: its checkpoints stay in the run's folder.")
             if checkpoints(job.output): st.button("Resume", key=f"resume-{name}", on_click=job.resume, help="from its newest checkpoint")
         if state == "done":
-            st.caption(" · ".join(f"{label}: {value}" for label, value in headline(adapter_summary(job.output)["metrics"]).items()))
+            info = info or adapter_summary(job.output)
+            st.caption(" · ".join(f"{label}: {value}" for label, value in headline(info["metrics"]).items()))
             st.button("Use in Generate and Adapter", key=f"use-{name}", on_click=use_run, args=(runs, name))
         if steps := [e for e in events if e["event"] == "step"]: st.vega_lite_chart(spec=loss_chart({name: steps}))
 
-def compare_runs(st, runs:Path):
+def compare_runs(st, done:dict[str, dict], # `finished_runs` of the runs' folder
+                ):
     "Finished runs side by side: their loss curves on one chart, and what each learned and cost."
-    done = finished_runs(runs)
     if len(done) < 2: return
     st.subheader("Runs side by side")
     picked = st.multiselect("Compare", list(done), default=list(done)[:2], key="compare_runs")
@@ -818,11 +836,12 @@ def train_tab(st, runs:Path):
     st.subheader("A new run")
     train_form(st, runs)
     jobs = runs_in(runs)
+    done = finished_runs(jobs)  # read once a page: the finished runs' panels and their comparison
     if jobs: st.subheader("Runs")
     for name, job in jobs.items():
         if job.running(): st.fragment(run_every=POLL_SECONDS)(job_panel)(st, runs, name, job, live=True)
-        else: job_panel(st, runs, name, job)
-    compare_runs(st, runs)
+        else: job_panel(st, runs, name, job, done.get(name))
+    compare_runs(st, done)
 
 # %% ../nbs/17_app.ipynb #1f1f9472
 def open_found(adapter:str, base:str|None, found:tuple) -> tuple:

@@ -465,7 +465,7 @@ def step_batches(examples:list[dict], step:int, config:TrainConfig, collate_fn, 
 
 def train_step(model, batches:list[dict], # this process's micro-batches (`step_batches`)
                step:int, # the step's number, from 1, for the non-finite-loss error
-               optimizer, scheduler, accelerator, max_grad_norm:float) -> tuple[float, int]:
+               optimizer, scheduler, accelerator, max_grad_norm:float) -> tuple[float, int, int]:
     "One optimizer step: each micro-batch's summed loss over the global batch's target count, backward, clip, update; `(loss, tokens, positions)`: real tokens, and the positions computed (padding too)."
     world_size = accelerator.num_processes
     n_targets = max(accelerator.reduce(sum(count_targets(b["labels"]) for b in batches), "sum").item(), 1)  # all processes'
@@ -546,14 +546,17 @@ def train(model, # a model with LoRA adapters (or any model: whatever has requir
 
 # %% ../nbs/10_train.ipynb #8343f1c8
 def plot_history(history:list[dict], # `train(...)["history"]`
-                 path:str|Path|None=None, # also save the figure here (PNG, written atomically)
+                 path:str|Path|None=None, # save it here instead of showing it (PNG, written atomically)
                 ):
     "Training loss per step, and eval loss where measured; returns the matplotlib figure."
-    import matplotlib
-    if path is not None: matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from lora_kit.core import atomic_write
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if path is None:
+        import matplotlib.pyplot as plt
+        fig = plt.figure(figsize=(6, 3.2))  # pyplot's: a notebook shows it
+    else:
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(6, 3.2))  # not pyplot's: a run that saves its plot switches no backend (a notebook's plots stay shown) and leaves no figure open
+    ax = fig.subplots()
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train")
     evals = [h for h in history if "eval_loss" in h]
     if evals: ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="eval")

@@ -1,10 +1,11 @@
 """What several test files share: a small batch, the logits of a model on it, adapter weights that look trained, peft's
-dropout drawing lora_kit's mask, the worst relative error of a set of gradients, and the environment of subprocesses.
+dropout drawing lora_kit's mask, the worst relative error of a set of gradients, the environment of subprocesses, and a
+free TCP port.
 
 pytest puts this folder on `sys.path` (it has no `__init__.py`), so a test file imports these with
 `from conftest import ...`, `train_worker` (the script subprocess tests run) the same way, and the tools in
 `tools/` by their names."""
-import os, sys
+import os, socket, sys
 from pathlib import Path
 
 import torch
@@ -42,3 +43,10 @@ class SameMaskDropout(nn.Module):
 def worst_error(grads:dict, exact:dict) -> float:
     "The largest relative error ‖g - exact‖ / ‖exact‖ over the tensors of `exact`."
     return max(((grads[n] - exact[n]).norm() / exact[n].norm()).item() for n in exact)
+
+
+def free_port() -> int:
+    "A TCP port nobody listens on now (a fixed one collides with a second test run on the same machine)."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

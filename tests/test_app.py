@@ -1,5 +1,5 @@
 "The Streamlit app: AppTest drives the page headlessly; `lora-kit app` is stopped by signals; a real Chromium uses it."
-import json, os, re, shutil, signal, socket, subprocess, sys, time, urllib.request
+import json, os, re, shutil, signal, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from lora_kit.core import ConfigError, byte_tokenizer, tiny_llama
 from lora_kit.qlora import DEMO_ADAPTER, load_base, open_adapter
 from lora_kit.inject import active_adapters, adapter_layers, adapter_names, adapter_state_dict, add_weighted_adapter, save_adapter
 from lora_kit.tiny import generate
+from conftest import free_port
 
 METRICS = json.loads((DEMO_ADAPTER / "metrics.json").read_text())
 LONG_PROMPT = "Translate to Indonesian:\n\n" + "my old teacher reads the new book. " * 143  # 5,000 characters
@@ -284,7 +285,7 @@ def test_the_adapter_tab_leads_with_the_headline(page):
     samples = METRICS["samples"]
     after = sum(s["generated"] == s["expected"] for s in samples) / len(samples)
     assert tab.metric[0].label == "Exact match, held-out prompts"
-    assert tab.metric[0].value == f"{METRICS['eval_accuracy_before']:.0%} → {after:.0%}"
+    assert tab.metric[0].value == f"{100 * METRICS['eval_accuracy_before']:g}% → {100 * after:g}%"  # 199 of 200: 99.5%, not a rounded 100%
 
 
 # --- several adapters on one base ---------------------------------------------------------------------------------
@@ -383,12 +384,6 @@ def test_a_single_adapter_folder_has_no_picker(page):
 
 
 # --- the server: signals and a real browser ---------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_app(port, *args):
     "`lora-kit app --port PORT *args` in its own process group, and the seconds from its start until the server answers."

@@ -14,6 +14,7 @@ from lora_kit.finetune import DEMO_ALPHA, DEMO_RANK, DEMO_TARGETS, FinetuneConfi
 from lora_kit.inject import add_lora
 from lora_kit.qlora import load_base
 from lora_kit.cli import build_parser, finetune_config
+from conftest import free_port
 
 
 @pytest.fixture
@@ -244,7 +245,6 @@ def alive(pid) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_the_app_stops_the_job_it_started(tmp_path, sig):
     "No orphan: the job runs in a session of its own (a Ctrl-C in the terminal does not reach it), so the app must stop it."
-    from test_app import free_port
     port, output = free_port(), tmp_path / "run"
     server = subprocess.Popen([sys.executable, "-c", SERVE_WITH_A_JOB, str(output), str(port)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
@@ -284,7 +284,7 @@ def choose(page, panel, label, option):
 def test_real_browser_trains_and_generates(tmp_path):
     """In Chromium: an upload with a bad row refused on the page, then a 30-step run started from the Train tab, its loss chart seen growing while it runs, then its
     adapter answering in Generate; the time from Start to the first loss point is printed (BENCHMARKS.md)."""
-    from test_app import CHROMIUM, assert_stops_cleanly, free_port, start_app
+    from test_app import CHROMIUM, assert_stops_cleanly, start_app
     if CHROMIUM is None: pytest.skip("Chromium is not installed (apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     shots = Path(os.environ.get("LORA_KIT_APP_SCREENSHOTS", tmp_path))

@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 from lora_kit.core import ConfigError, tiny_llama
 from lora_kit.inject import add_lora, load_adapter
 from lora_kit.train import check_shardable, shard_model
-from conftest import SUBPROCESS_ENV
-from test_train import free_port
+from conftest import SUBPROCESS_ENV, free_port
 from train_worker import examples
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")

@@ -60,10 +60,13 @@ def test_clean_outputs_pass_and_a_source_edited_after_storing_is_caught(tmp_path
 
 
 def test_a_value_without_its_output_and_an_image_from_a_url_are_caught(tmp_path):
+    figure = dict(output_type="display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"}, metadata={})
     path = write(tmp_path, code("rows = [1, 2]\nrows"), code("total = sum(rows)"), code("plt.plot(rows);"),
                  code("#| slow\nrows"), code("test_eq(rows, [1, 2])"),
-                 dict(cell_type="markdown", source="![a plot](https://example.org/p.png)", metadata={}))
+                 dict(cell_type="markdown", source="![a plot](https://example.org/p.png)", metadata={}),
+                 code("plot_history(rows);"), code("plot_history(rows);", figure), code("#| slow\nplot_history(rows);"))
     found = check_outputs.problems(path)
-    assert len(found) == 2, found
+    assert len(found) == 3, found
     assert "cell 1: ends on a value but has no stored output" in found[0]
     assert "cell 6: an image loaded from a URL" in found[1]
+    assert "cell 7: draws a figure but stores no image" in found[2]  # a `;` hides the value, not the figure

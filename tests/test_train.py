@@ -1,5 +1,5 @@
 "The training loop: its settings, its loss, its layers and optimizer groups, and two processes (torchrun, gloo on CPU) matching one."
-import copy, json, math, socket, subprocess, sys
+import copy, json, math, subprocess, sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from lora_kit.data import collate
 from lora_kit.inject import adapter_layers, adapter_state_dict, add_lora, plain_path_reasons
 from lora_kit.layers import LoRALinear
 from lora_kit.train import CHECKPOINTS, TrainConfig, loss_sum, optimizer_groups, step_indices, train
-from conftest import SUBPROCESS_ENV
+from conftest import SUBPROCESS_ENV, free_port
 
 from train_worker import examples
 
@@ -184,13 +184,6 @@ def test_bad_input_to_train_is_the_kits_error(case, message):
     with pytest.raises(LoraKitError, match=message): train(model, rows, config=config)
 
 
-def free_port() -> int:
-    "A TCP port nobody listens on now (a fixed one collides with a second test run on the same machine)."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd, tmp):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV, cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -250,3 +243,20 @@ def test_data_parallel_never_builds_the_full_logits(runs):
         result = json.loads((runs / name / "result.json").read_text())
         assert result["largest_head_output"] * 4 < logits_bytes / 8, (name, result, logits_bytes)
         assert 0 < result["largest_saved_bytes"] < logits_bytes / 8, (name, result, logits_bytes)
+
+
+NOTEBOOK_PLOTS = '''import sys
+from execnb.shell import CaptureShell
+shell = CaptureShell()  # nbdev-test's and the lessons' kernel: matplotlib inline
+shell.run(f"from lora_kit.train import plot_history\\nh = [dict(step=1, loss=2.0), dict(step=2, loss=1.5, eval_loss=1.6)]\\nplot_history(h, {sys.argv[1]!r});")
+print(sum("image/png" in o.get("data", {}) for o in shell.run("plot_history(h);")))
+'''
+
+
+def test_a_run_that_saves_its_loss_plot_leaves_a_notebooks_later_plots_shown(tmp_path):
+    "Saving loss.png (every `finetune` does) once switched matplotlib to Agg: each later plot of that notebook stayed blank."
+    r = subprocess.run([sys.executable, "-c", NOTEBOOK_PLOTS, str(tmp_path / "loss.png")], capture_output=True, text=True,
+                       timeout=120, env=SUBPROCESS_ENV, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1"], "the plot after a saved one must be shown, once"
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

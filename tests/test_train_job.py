@@ -31,6 +31,7 @@ def test_a_job_that_finishes_is_done(tmp_path):
     wait(lambda: not job.running())
     assert job.state() == "done" and job.error() is None
     assert [e["event"] for e in job.events()] == ["start", "step", "step", "step", "done"]
+    assert job.state(job.events()) == "done" and job.state(job.events()[:-1]) == "failed"  # the events given decide, not a second read
 
 
 def test_a_refused_job_shows_the_clis_one_line_error(tmp_path):
@@ -43,6 +44,7 @@ def test_a_job_failing_inside_shows_its_error(tmp_path):
     job = TrainJob.start(tmp_path / "run", ["--max-steps", "2", "--targets", "no_such_proj"])
     wait(lambda: not job.running())
     assert job.state() == "failed" and "no_such_proj" in job.error()
+    assert job.error(job.events()) == job.error() and job.error([{"event": "failed", "error": "given"}]) == "given"  # the events given decide
 
 
 def test_no_job_in_a_folder_is_none(tmp_path):

@@ -8,6 +8,7 @@ A stored lesson fails on:
 - an output over `MAX_CHARS` characters of text;
 - an image loaded from a URL (markdown or HTML), instead of a file beside the lessons;
 - a code cell without outputs whose source ends on a value (`ends_on_value`) that the stored run should have shown;
+- a code cell ending on a call of a `plot_*` or `draw_*` function (`ends_on_a_figure`) that stores no image;
 - a code cell whose source changed since its outputs were stored: `tools/run_lessons.py --save` (`make outputs`)
   records a digest of each cell's source in the cell's metadata (`stored_source`).
 
@@ -48,22 +49,39 @@ def output_text(cell) -> str:
     return "\n".join(parts)
 
 
+def shown_code(cell) -> str:
+    "The code of a cell a reader runs and sees, magics and comments blanked; empty for a markdown cell or an `#| export`/`#| hide`/`#| slow`/`#| eval: false`/`#| cuda` one."
+    if cell["cell_type"] != "code": return ""
+    d = directives(cell)
+    if NOT_SHOWN & d.keys() or d.get("eval", "").lower() == "false": return ""
+    return "\n".join("" if l.lstrip().startswith(("!", "%", "#")) else l for l in source(cell).splitlines()).strip()
+
+
+def last_expression(code:str) -> ast.expr|None:
+    "The expression `code` ends on, if its last statement is one (not an assignment, import or definition)."
+    try: body = ast.parse(code).body
+    except SyntaxError: return None
+    return body[-1].value if body and isinstance(body[-1], ast.Expr) else None
+
+
+def called(expr:ast.expr|None) -> str:
+    "The name of the function `expr` calls (`f(...)` or `x.f(...)`); empty if it is no call."
+    f = expr.func if isinstance(expr, ast.Call) else None
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+
+
 def ends_on_value(cell) -> bool:
     """A code cell a reader runs whose last statement is an expression that shows a value: not ending in `;`,
-    not an assignment, import or definition (those are statements), not a `test_*` check (they return None),
-    and the cell not `#| export`/`#| hide`/`#| slow`/`#| eval: false`/`#| cuda`."""
-    if cell["cell_type"] != "code": return False
-    d = directives(cell)
-    if NOT_SHOWN & d.keys() or d.get("eval", "").lower() == "false": return False
-    lines = ["" if l.lstrip().startswith(("!", "%", "#")) else l for l in source(cell).splitlines()]
-    code = "\n".join(lines).strip()
+    not an assignment, import or definition (those are statements), and not a `test_*` check (they return None)."""
+    code = shown_code(cell)
     if not code or code.splitlines()[-1].rstrip().endswith(";"): return False
-    try: body = ast.parse(code).body
-    except SyntaxError: return False
-    if not body or not isinstance(last := body[-1], ast.Expr): return False
-    f = last.value.func if isinstance(last.value, ast.Call) else None
-    name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
-    return not name.startswith("test_")
+    expr = last_expression(code)
+    return expr is not None and not called(expr).startswith("test_")
+
+
+def ends_on_a_figure(cell) -> bool:
+    "A code cell a reader runs that ends on a call of a `plot_*` or `draw_*` function: it draws a figure to be seen (a `;` only hides the returned value)."
+    return called(last_expression(shown_code(cell))).startswith(("plot_", "draw_"))
 
 
 def problems(path: Path) -> list[str]:
@@ -84,6 +102,8 @@ def problems(path: Path) -> list[str]:
         if len(text) > MAX_CHARS: found.append(f"{where}: {len(text):,} characters of output (at most {MAX_CHARS:,})")
         if not outputs and ends_on_value(cell):
             found.append(f"{where}: ends on a value but has no stored output (store it: {store})")
+        if ends_on_a_figure(cell) and not any("image/png" in o.get("data", {}) for o in outputs):
+            found.append(f"{where}: draws a figure but stores no image (store it: {store})")
         if outputs and cell.get("metadata", {}).get(DIGEST_KEY) != digest(cell):
             found.append(f"{where}: its source changed since its outputs were stored ({store})")
     return found
