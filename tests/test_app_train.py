@@ -318,6 +318,9 @@ def test_real_browser_trains_and_generates(tmp_path):
                 if (now := chart_steps(panel)) and (not seen or now != seen[-1]): seen.append(now)
                 if len(seen) == 1 and "first_point" not in locals(): first_point = time.monotonic() - started
                 page.wait_for_timeout(200)
+            drawn_by = time.monotonic() + 60  # Vega draws the last points after the text that says the run is done
+            while (now := chart_steps(panel))[-1:] != [30] and time.monotonic() < drawn_by: page.wait_for_timeout(200)
+            if now and (not seen or now != seen[-1]): seen.append(now)
             print(f"\napp training: first loss point {first_point:.1f} s after Start; chart drawn with "
                   f"{[s[-1] for s in seen]} steps while it ran")
             assert seen[-1][-1] == 30, "the run was not the 30 steps typed in"
