@@ -11,7 +11,7 @@ __all__ = ['MIXED_BASES', 'FORMS', 'TIMED_TOKENS', 'REPEATS', 'JOB_FILE', 'JOB_E
            'saved_shapes', 'shape_problem', 'check_base_name', 'check_fits', 'open_folder', 'adapter_variant',
            'adapter_summary', 'exact_share', 'headline', 'prompt_text', 'fit_prompt', 'timed_tokens', 'merged_adapters',
            'as_form', 'latency', 'compare', 'latency_rows', 'side_by_side', 'rank_choices', 'adapted_suffixes',
-           'memory_unit', 'memory_chart', 'assumptions', 'fit_rows', 'finetune_parser', 'TrainJob', 'run_config',
+           'memory_unit', 'memory_chart', 'assumptions', 'fit_rows', 'job_record', 'TrainJob', 'run_config',
            'variant_of', 'run_estimate', 'uploaded_data', 'training_data', 'progress_status', 'loss_chart',
            'markdown_table', 'runs_in', 'finished_runs', 'run_rows', 'stop_started', 'pick_adapter', 'reply_titles',
            'show_result', 'generate_tab', 'efficiency_headline', 'efficiency_tab', 'adapter_tab', 'base_and_data',
@@ -19,7 +19,7 @@ __all__ = ['MIXED_BASES', 'FORMS', 'TIMED_TOKENS', 'REPEATS', 'JOB_FILE', 'JOB_E
            'job_panel', 'compare_runs', 'train_tab', 'open_found', 'render', 'serve']
 
 # %% ../nbs/17_app.ipynb #dd7282c3
-import argparse, functools, hashlib, importlib.util, itertools, json, os, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
+import hashlib, importlib.util, itertools, json, os, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from contextlib import contextmanager
@@ -28,8 +28,8 @@ from huggingface_hub import model_info, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HFValidationError, HTTPError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, LlamaConfig
-from .core import (ConfigError, MissingExtraError, MissingFileError, LoraKitError, Sampling, add_setting_arguments, atomic_write,
-                           check_value, setting_args, settings_from)
+from .core import (ConfigError, MissingExtraError, MissingFileError, LoraKitError, Sampling, atomic_write, check_value,
+                            setting_args, settings_from)
 from .inject import (
     BASE_ROW, CONFIG_NAME, WEIGHTS_NAME, active_adapters, adapter_folders, adapter_layers, adapter_names, adapter_per_row,
     lora_disabled, merge_lora, read_adapter_config, set_adapter, unmerge_lora)
@@ -343,15 +343,15 @@ def fit_rows(estimates:dict) -> list[dict]:
 JOB_FILE, JOB_ERRORS = ".lora-kit-job.json", ".lora-kit-job.err"  # in the run's output folder
 _STARTED = {}  # process id -> (Popen, output folder) of the jobs this process started: a finished one is reaped, a running one stopped with the app
 
-@functools.cache
-def finetune_parser() -> argparse.ArgumentParser:
-    "The parser of `lora-kit finetune`'s settings (lesson 00's `add_setting_arguments`), built once: it reads the jobs' command lines."
-    from lora_kit.finetune import FinetuneConfig
-    return add_setting_arguments(argparse.ArgumentParser(), FinetuneConfig())
+def job_record(output:str|Path) -> dict:
+    "The job file's record in `output` (pid, command, started; cancelled once cancelled); {} if there is none or it cannot be read."
+    try: record = json.loads((Path(output) / JOB_FILE).read_text())
+    except (OSError, ValueError): return {}
+    return record if isinstance(record, dict) else {}
 
 @dataclass
 class TrainJob:
-    "A `lora-kit finetune` run in a process of its own, started by the page or found again in its output folder."
+    "Lesson 12's job (`python -m lora_kit.finetune`) in a process of its own, started by the page or found again in its output folder."
     output:Path
     pid:int
     command:list
@@ -359,11 +359,11 @@ class TrainJob:
 
     @classmethod
     def start(cls, output:str|Path, # the run's output folder (`--output`)
-              flags:list[str], # the other `lora-kit finetune` flags, e.g. `["--max-steps", "30"]`
+              flags:list[str], # the job's other flags (lesson 12's `finetune_parser`), e.g. `["--max-steps", "30"]`
              ) -> "TrainJob":
-        "Start `lora-kit finetune --output OUTPUT *flags` in a new session (its own process group); stderr to the folder."
+        "Start `python -m lora_kit.finetune --output OUTPUT *flags` in a new session (its own process group); stderr to the folder."
         output = Path(output); output.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "lora_kit.cli", "finetune", "--output", str(output), *map(str, flags)]
+        command = [sys.executable, "-m", "lora_kit.finetune", "--output", str(output), *map(str, flags)]
         with open(output / JOB_ERRORS, "w") as errors:
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True,
                                        env={**os.environ, "TQDM_DISABLE": "1"})
@@ -375,14 +375,14 @@ class TrainJob:
     @classmethod
     def attach(cls, output:str|Path) -> "TrainJob|None":
         "The job last started in `output` (running or not), from its job file; None if none was."
-        try: record = json.loads((Path(output) / JOB_FILE).read_text())
-        except (OSError, ValueError): return None
+        record = job_record(output)
+        if not {"pid", "command"} <= record.keys(): return None
         return cls(Path(output), record["pid"], record["command"], record.get("started", 0.0))
 
     def settings(self) -> "FinetuneConfig":
-        "The `lora-kit finetune` settings its command line gives, read by lesson 00's parser of the settings."
-        from lora_kit.finetune import FinetuneConfig
-        return settings_from(FinetuneConfig, finetune_parser().parse_args(self.command[4:]))
+        "The job's settings, read back from its command line by lesson 12's parser."
+        from lora_kit.finetune import FinetuneConfig, finetune_parser
+        return settings_from(FinetuneConfig, finetune_parser().parse_args(self.command[self.command.index("--output"):]))
 
     def running(self) -> bool:
         "Whether the job's process is still alive (a process that reused its id is not it)."
@@ -400,7 +400,7 @@ class TrainJob:
              ) -> str:
         "running, done, failed or cancelled."
         if self.running(): return "running"
-        if (self.output / JOB_FILE).exists() and json.loads((self.output / JOB_FILE).read_text()).get("cancelled"): return "cancelled"
+        if job_record(self.output).get("cancelled"): return "cancelled"
         last = ((self.events() if events is None else events) or [{}])[-1].get("event")
         return "done" if last == "done" else "failed"
 
@@ -420,7 +420,7 @@ class TrainJob:
     def cancel(self, timeout:float=30) -> str:
         "Stop the job (SIGTERM to its process group) and wait for it; its checkpoints stay. Returns the state."
         if self.running():
-            record = json.loads((self.output / JOB_FILE).read_text()) | dict(cancelled=True)
+            record = job_record(self.output) | dict(cancelled=True)
             atomic_write(self.output / JOB_FILE, lambda tmp: tmp.write_text(json.dumps(record)))
             os.killpg(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout

@@ -161,3 +161,18 @@ def test_remote_code_runs_only_when_asked(tmp_path):
     without, with_trust = r.stdout.strip().splitlines()[-2:]
     assert without == "LlamaForCausalLM False", "remote code ran without trust_remote_code"
     assert with_trust == "True", "with trust_remote_code=True the model's own code runs (so the check above can fail)"
+
+
+@pytest.mark.parametrize("argv, cause", [
+    (["--4bit", "--dora"], "--4bit: DoRA, PiSSA and LoftQ need the base weights in 16 or 32 bits"),
+    (["--data", "no-such-file.jsonl"], "no-such-file.jsonl"),
+], ids=["combination", "missing data"])
+def test_the_job_run_as_a_module_exits_2_with_one_line_and_writes_no_adapter(tmp_path, capsys, argv, cause):
+    "`python -m lora_kit.finetune` (lesson 12's `main`, what the app's Train tab starts) refuses as `lora-kit finetune` does."
+    from lora_kit.finetune import main as finetune_main
+    with pytest.raises(SystemExit) as ended:
+        finetune_main([*argv, "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err  # before it: the library's bar of loading the base, if it got that far
+    last = err.splitlines()[-1]
+    assert ended.value.code == 2 and last.startswith("python -m lora_kit.finetune: ") and cause in last and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()

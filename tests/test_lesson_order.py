@@ -2,7 +2,8 @@
 
 Lessons are the numbered notebooks in `nbs/`, read in file-name order. Each module of `lora_kit` is the export of
 exactly one lesson (`#| default_exp`). A use of `lora_kit.X` (an import at the top of a module, one inside a
-function, or one in a lesson cell) is a forward use when X is exported by a later lesson.
+function, or one in a lesson cell, or its name in a string: `python -m lora_kit.X` runs it) is a forward use when X is
+exported by a later lesson.
 """
 import ast, json, re
 from pathlib import Path
@@ -40,6 +41,8 @@ def kit_uses(source: str, relative_ok: bool) -> set[str]:
             uses |= {a.name.split(".")[1] for a in node.names if a.name.startswith("lora_kit.")}
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "lora_kit":
             uses.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (named := re.fullmatch(r"lora_kit\.(\w+)", node.value)):
+            uses.add(named.group(1))  # a module run by name: [sys.executable, "-m", "lora_kit.X"], importlib
     return uses - {"__version__"}
 
 
@@ -81,6 +84,8 @@ def test_the_checker_sees_every_kind_of_use():
     assert kit_uses("from lora_kit.train import x\nimport lora_kit.data\nlora_kit.tiny.base_path()", False) == {"train", "data", "tiny"}
     assert kit_uses("def f():\n    from .finetune import g\n    from . import app", True) == {"finetune", "app"}
     assert kit_uses("from .finetune import g", False) == set()
+    assert kit_uses('subprocess.run([sys.executable, "-m", "lora_kit.cli", "finetune"])', False) == {"cli"}
+    assert kit_uses('print("see lora_kit.cli and python -m lora_kit.study")', False) == set()  # prose names no module run
 
 
 @pytest.mark.parametrize("nb", [p.name for p in LESSONS])

@@ -1,6 +1,8 @@
 "The app's job runner (`lora_kit.app.TrainJob`, issue 35): start, stream, re-attach, cancel keeping the checkpoint, failure."
 import subprocess, sys, time
 
+import pytest
+
 from lora_kit.app import TrainJob
 from lora_kit.train import CHECKPOINTS, checkpoints
 from conftest import SUBPROCESS_ENV
@@ -34,10 +36,10 @@ def test_a_job_that_finishes_is_done(tmp_path):
     assert job.state(job.events()) == "done" and job.state(job.events()[:-1]) == "failed"  # the events given decide, not a second read
 
 
-def test_a_refused_job_shows_the_clis_one_line_error(tmp_path):
+def test_a_refused_job_shows_the_jobs_one_line_error(tmp_path):
     job = TrainJob.start(tmp_path / "run", ["--rank", "0"])
     wait(lambda: not job.running())
-    assert job.state() == "failed" and job.error() == "lora-kit finetune: argument --rank: must be an integer >= 1, got '0' (see --help)"
+    assert job.state() == "failed" and job.error() == "python -m lora_kit.finetune: error: argument --rank: must be an integer >= 1, got '0'"
 
 
 def test_a_job_failing_inside_shows_its_error(tmp_path):
@@ -50,3 +52,11 @@ def test_a_job_failing_inside_shows_its_error(tmp_path):
 def test_no_job_in_a_folder_is_none(tmp_path):
     assert TrainJob.attach(tmp_path) is None
     assert not TrainJob(tmp_path, 2**22 + 7, ["lora-kit"]).running()  # no such process
+
+
+@pytest.mark.parametrize("runner", [["-m", "lora_kit.finetune"], ["-m", "lora_kit.cli", "finetune"]], ids=["job", "older kit's cli"])
+def test_a_jobs_settings_are_read_back_from_its_command_line(tmp_path, runner):
+    "A runs folder may hold jobs an older kit started through `lora-kit finetune`: their settings read back too."
+    job = TrainJob(tmp_path, 2**22 + 7, [sys.executable, *runner, "--output", str(tmp_path), "--rank", "4", "--max-steps", "30"])
+    settings = job.settings()
+    assert (settings.output, settings.rank, settings.train.max_steps) == (str(tmp_path), 4, 30)
