@@ -88,9 +88,8 @@ def finetune_config(args):
     return config_from("finetune", FinetuneConfig, args)
 
 def _finetune(args):
-    from lora_kit.finetune import finetune, summary
-    metrics = finetune(finetune_config(args))
-    if int(os.environ.get("RANK", "0")) == 0: print(summary(metrics, args.output))  # under torchrun: once, by the process that wrote
+    from lora_kit.finetune import finetune_and_report
+    finetune_and_report(finetune_config(args))
 
 # %% ../nbs/18_cli.ipynb #5e0c1a7d
 ADAPTER_NAMING = ("Each adapter is named after its folder (in peft's multi-adapter layout: after its subfolder), dots "

@@ -8,14 +8,14 @@ Docs: https://lora-kit.github.io/lora_kit/finetune.html.md"""
 __all__ = ['DEMO_TARGETS', 'DEMO_RANK', 'DEMO_ALPHA', 'DEMO_CONFIG', 'TARGET_NAMES', 'INIT', 'PROGRESS', 'RUN_FILES',
            'target_names', 'known_init', 'FinetuneConfig', 'flops_per_step', 'split_data', 'Task', 'prepare_task',
            'prepare_output', 'launched_processes', 'job_output', 'finetune', 'progress_writer', 'read_progress',
-           'save_loftq_base', 'job_base', 'summary', 'finetune_parser', 'main', 'build_demo_adapter', 'merge_adapter',
-           'reversed_split']
+           'save_loftq_base', 'job_base', 'summary', 'finetune_parser', 'main', 'finetune_and_report',
+           'build_demo_adapter', 'merge_adapter', 'reversed_split']
 
 # %% ../nbs/12_finetune.ipynb #d9ceef8c
-import argparse, functools, json, math, os, shutil, tempfile
+import argparse, json, math, os, shutil, tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 import datasets, torch
 from .core import (ALPHA, DROPOUT, PATH, RANK, SWITCH, TEXT, ConfigError, LoraKitError, Rule, add_setting_arguments,
@@ -320,7 +320,7 @@ def summary(metrics:dict, output:str|Path) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/12_finetune.ipynb #d89eaf02
-@functools.cache
+@cache
 def finetune_parser() -> argparse.ArgumentParser:
     "The parser of `python -m lora_kit.finetune`: a flag per `FinetuneConfig` setting (lesson 00), built once."
     parser = argparse.ArgumentParser(prog="python -m lora_kit.finetune", description="Fine-tune a base with LoRA (lesson 12).")
@@ -331,9 +331,14 @@ def main(argv:list[str]|None=None, # the arguments; None: the command line's
     "`python -m lora_kit.finetune [settings]`: `finetune`, then its `summary`; bad input exits with 2 and one line naming the flag."
     parser = finetune_parser()
     args = parser.parse_args(argv)
-    try: metrics = finetune(settings_from(FinetuneConfig, args))
+    try: finetune_and_report(settings_from(FinetuneConfig, args))
     except LoraKitError as e: parser.exit(2, f"{parser.prog}: {' '.join(str(e).split())}\n")
-    if int(os.environ.get("RANK", "0")) == 0: print(summary(metrics, args.output))  # under torchrun: once, by the process that wrote
+
+def finetune_and_report(config:FinetuneConfig) -> dict:
+    "`finetune(config)`, its `summary` printed once (under torchrun: by the process that wrote); returns the metrics."
+    metrics = finetune(config)
+    if int(os.environ.get("RANK", "0")) == 0: print(summary(metrics, config.output))
+    return metrics
 
 # %% ../nbs/12_finetune.ipynb #f76d1b76
 def build_demo_adapter(out:str|Path, # a new or replaced folder; the shipped one is `DEMO_ADAPTER`
